@@ -1,0 +1,320 @@
+"""The two EASE decoders: ``StandardTransformer`` and ``DeepSupervisionTransformer``.
+
+Both are Llama-style decoders (RMSNorm, attention with RoPE, SwiGLU, pre-norm blocks).
+Layers are numbered from 1 (the first block) to ``num_layers``. The exit head of layer
+``l`` is the final RMSNorm plus the output projection applied to that layer's hidden
+state; all layers share it. ``forward`` computes logits only for the layers asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+import ease_kernels
+from ease.modules import RMSNorm, TransformerBlock
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a decoder. Fields left ``None`` are derived in ``__post_init__``.
+
+    Attributes:
+        vocab_size: number of tokens.
+        dim: model width.
+        num_layers: number of transformer blocks.
+        num_heads: query heads (default: ``dim // 64`` for ``dim >= 256``, else 4).
+        num_kv_heads: key/value heads for grouped-query attention (default: ``num_heads``).
+        ffn_dim: SwiGLU hidden width (default: ``8/3 * dim`` rounded up to a multiple of 32).
+        max_seq_len: the longest sequence the RoPE tables cover.
+        rope_theta: RoPE base.
+        rope_scaling: optional Hugging Face style RoPE scaling dict (``rope_type: llama3``).
+        norm_eps: RMSNorm epsilon.
+        dropout: dropout on embeddings, attention and residual branches in training.
+        tie_embeddings: share the token embedding with the output projection.
+    """
+
+    vocab_size: int
+    dim: int
+    num_layers: int
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    ffn_dim: int | None = None
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    norm_eps: float = 1e-6
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "num_layers", "max_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_heads is None:
+            self.num_heads = self.dim // 64 if self.dim >= 256 else 4
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.ffn_dim is None:
+            self.ffn_dim = 32 * math.ceil(8 * self.dim / 3 / 32)
+        if self.num_heads < 1 or self.dim % self.num_heads:
+            raise ValueError(f"num_heads must be >= 1 and divide dim={self.dim}, got {self.num_heads}")
+        if (self.dim // self.num_heads) % 2:
+            raise ValueError(
+                f"head_dim = dim // num_heads must be even for RoPE, got {self.dim} // {self.num_heads}"
+            )
+        if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads must be >= 1 and divide num_heads={self.num_heads}, got {self.num_kv_heads}"
+            )
+        if self.ffn_dim < 1:
+            raise ValueError(f"ffn_dim must be >= 1, got {self.ffn_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.norm_eps >= 0:
+            raise ValueError(f"norm_eps must be >= 0, got {self.norm_eps}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+class EarlyExitDecoder(nn.Module):
+    """A decoder whose every layer can answer through the shared exit head.
+
+    Subclasses set :attr:`supports_early_exit` and the default layers ``forward`` returns.
+    Use :class:`StandardTransformer` or :class:`DeepSupervisionTransformer`.
+    """
+
+    supports_early_exit: ClassVar[bool] = True
+
+    def __init__(self, vocab_size: int, dim: int, num_layers: int, **kwargs: Any) -> None:
+        super().__init__()
+        self.config = ModelConfig(vocab_size=vocab_size, dim=dim, num_layers=num_layers, **kwargs)
+        config = self.config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.embed_dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(
+            TransformerBlock(
+                config.dim, config.num_heads, config.num_kv_heads, config.ffn_dim, config.norm_eps, config.dropout
+            )
+            for _ in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = ease_kernels.rope_cos_sin(
+            torch.arange(config.max_seq_len), config.head_dim, config.rope_theta, config.rope_scaling
+        )
+        # Not saved: derived from the config, rebuilt on load.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    # -- construction ---------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """GPT-2 style initialisation: N(0, 0.02), residual projections scaled by depth."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.num_layers)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(param)
+            elif name.endswith(("out_proj.weight", "down_proj.weight")):
+                nn.init.normal_(param, std=residual_std)
+            else:
+                nn.init.normal_(param, std=0.02)
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def default_exit_layers(self) -> tuple[int, ...]:
+        """The layers whose logits ``forward`` returns when none are asked for."""
+        return tuple(range(1, self.num_layers + 1))
+
+    # -- forward --------------------------------------------------------------------------
+    def check_layers(self, layers: Iterable[int], name: str = "exit_layers") -> list[int]:
+        """Sorted unique layer numbers, each an integer in ``1..num_layers``."""
+        checked = set()
+        for layer in layers:
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= self.num_layers:
+                raise ValueError(f"{name} must hold integers in 1..{self.num_layers}, got {layer!r}")
+            checked.add(layer)
+        if not checked:
+            raise ValueError(f"{name} must name at least one layer")
+        return sorted(checked)
+
+    def check_input_ids(self, input_ids: torch.Tensor) -> None:
+        """Raise a clear error for input ids of the wrong type, rank, length or range."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be an int64 or int32 tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > self.config.max_seq_len:
+            raise ValueError(
+                f"input_ids has {input_ids.shape[1]} positions, more than max_seq_len={self.config.max_seq_len}"
+            )
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size):
+            raise ValueError(
+                f"input_ids must lie in [0, {self.vocab_size}), got range "
+                f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+            )
+
+    def hidden_states(self, input_ids: torch.Tensor, layers: Iterable[int]) -> dict[int, torch.Tensor]:
+        """Hidden states ``(B, T, dim)`` after each requested layer (before the exit norm).
+
+        Blocks deeper than the deepest requested layer are not run.
+        """
+        layers = self.check_layers(layers)
+        self.check_input_ids(input_ids)
+        seq = input_ids.shape[1]
+        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        x = self.embed_dropout(self.embed(input_ids))  # (B, T, dim)
+        wanted = set(layers)
+        states = {}
+        for number, block in enumerate(self.layers[: layers[-1]], start=1):
+            x = block(x, cos, sin)
+            if number in wanted:
+                states[number] = x
+        return states
+
+    def exit_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The shared exit head: final RMSNorm then output projection -> ``(..., vocab)``."""
+        return self.lm_head(self.norm(hidden))
+
+    def forward(self, input_ids: torch.Tensor, exit_layers: Iterable[int] | None = None) -> dict[int, torch.Tensor]:
+        """Logits of the requested layers.
+
+        Args:
+            input_ids: ``(B, T)`` token ids in ``[0, vocab_size)``, ``T <= max_seq_len``.
+            exit_layers: layer numbers (1-based) whose logits to compute; default
+                :meth:`default_exit_layers`. Layers not named compute no logits.
+
+        Returns:
+            ``{layer: logits (B, T, vocab_size)}`` for each requested layer.
+        """
+        layers = self.default_exit_layers() if exit_layers is None else exit_layers
+        return {layer: self.exit_head(h) for layer, h in self.hidden_states(input_ids, layers).items()}
+
+    # -- persistence ----------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (atomically).
+
+        Each file is written to a temporary name in the directory and renamed, so an
+        interrupted save never leaves a half-written file under the real name.
+        """
+        from safetensors.torch import save_model
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        payload = {"model_class": type(self).__name__, "config": dataclasses.asdict(self.config)}
+        with _atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_model(self, str(tmp))
+        with _atomic_path(directory / CONFIG_NAME) as tmp:
+            tmp.write_text(json.dumps(payload, indent=2))
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu"
+    ) -> "EarlyExitDecoder":
+        """Load a model written by :meth:`save_pretrained`.
+
+        Called on :class:`EarlyExitDecoder` (or ``ease.load_model``), the class recorded in
+        ``config.json`` is built; called on a subclass, that subclass is built.
+        """
+        from safetensors.torch import load_model
+
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
+        payload = json.loads(config_path.read_text())
+        model_cls = cls
+        if cls is EarlyExitDecoder:
+            model_cls = MODEL_CLASSES.get(payload.get("model_class"))
+            if model_cls is None:
+                raise ValueError(
+                    f"{config_path}: model_class must be one of {sorted(MODEL_CLASSES)}, "
+                    f"got {payload.get('model_class')!r}"
+                )
+        config = dict(payload["config"])
+        model = model_cls(config.pop("vocab_size"), config.pop("dim"), config.pop("num_layers"), **config)
+        load_model(model, str(directory / WEIGHTS_NAME), strict=True, device=str(map_location))
+        return model.to(map_location)
+
+
+class StandardTransformer(EarlyExitDecoder):
+    """A decoder trained on its final layer only and run at full depth.
+
+    ``forward`` returns the last layer's logits unless other layers are asked for.
+    """
+
+    supports_early_exit = False
+
+    def default_exit_layers(self) -> tuple[int, ...]:
+        return (self.num_layers,)
+
+
+class DeepSupervisionTransformer(EarlyExitDecoder):
+    """A decoder whose every layer is supervised through the shared exit head.
+
+    ``forward`` returns the logits of every layer unless fewer are asked for, and the
+    model can exit early per token at inference.
+    """
+
+    supports_early_exit = True
+
+
+MODEL_CLASSES: dict[str, type[EarlyExitDecoder]] = {
+    "StandardTransformer": StandardTransformer,
+    "DeepSupervisionTransformer": DeepSupervisionTransformer,
+}
+
+
+def load_model(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> EarlyExitDecoder:
+    """Load a model saved with ``save_pretrained``, whichever class it is."""
+    return EarlyExitDecoder.from_pretrained(directory, map_location)
+
+
+class _atomic_path:
+    """Context manager giving a temporary path that is renamed onto ``target`` on success."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = Path(target)
+
+    def __enter__(self) -> Path:
+        fd, name = tempfile.mkstemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".tmp")
+        os.close(fd)
+        self.tmp = Path(name)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            os.replace(self.tmp, self.target)
+        else:
+            self.tmp.unlink(missing_ok=True)

@@ -1,0 +1,80 @@
+"""The one rule that decides whether an op runs its Triton kernel or its reference.
+
+``EASE_KERNELS`` (environment) or :func:`set_backend` (Python) picks the backend:
+
+- ``auto`` (default): the Triton kernel when the tensor is on CUDA, its dtype is one the
+  kernels support and Triton imports; otherwise the reference op.
+- ``triton``: always the kernel, on any device (on the CPU this needs
+  ``TRITON_INTERPRET=1`` set before Triton is imported: that is how the test suite runs
+  the kernels without a GPU). Float64 still takes the reference, which is exact.
+- ``reference``: always the plain PyTorch reference.
+
+Every public op in :mod:`ease_kernels` calls :func:`use_triton` and nothing else to
+choose, so a direct import of an op can never bypass the setting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+
+# The dtypes the Triton kernels are written for; statistics are kept in float32.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+_backend = _check_backend(os.environ.get("EASE_KERNELS", "auto").strip().lower() or "auto")
+
+
+def get_backend() -> str:
+    """Return the current backend name: ``"auto"``, ``"triton"`` or ``"reference"``."""
+    return _backend
+
+
+def set_backend(name: str) -> None:
+    """Set the backend for every ``ease_kernels`` op (overrides ``EASE_KERNELS``)."""
+    global _backend
+    _backend = _check_backend(name)
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Context manager that sets the backend inside a ``with`` block and restores it."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether Triton imports in this process."""
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """Whether an op whose main input is ``tensor`` should run its Triton kernel."""
+    if _backend == "reference" or tensor.dtype not in KERNEL_DTYPES:
+        return False
+    if _backend == "triton":
+        if not triton_available():
+            raise RuntimeError("EASE_KERNELS=triton but Triton cannot be imported")
+        return True
+    return tensor.is_cuda and triton_available()
