@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 import ease_kernels
+from ease._io import atomic_path, atomic_write_text
 from ease.modules import RMSNorm, TransformerBlock
 
 CONFIG_NAME = "config.json"
@@ -232,10 +232,9 @@ class EarlyExitDecoder(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         payload = {"model_class": type(self).__name__, "config": dataclasses.asdict(self.config)}
-        with _atomic_path(directory / WEIGHTS_NAME) as tmp:
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
             save_model(self, str(tmp))
-        with _atomic_path(directory / CONFIG_NAME) as tmp:
-            tmp.write_text(json.dumps(payload, indent=2))
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(payload, indent=2))
         return directory
 
     @classmethod
@@ -299,22 +298,3 @@ MODEL_CLASSES: dict[str, type[EarlyExitDecoder]] = {
 def load_model(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> EarlyExitDecoder:
     """Load a model saved with ``save_pretrained``, whichever class it is."""
     return EarlyExitDecoder.from_pretrained(directory, map_location)
-
-
-class _atomic_path:
-    """Context manager giving a temporary path that is renamed onto ``target`` on success."""
-
-    def __init__(self, target: Path) -> None:
-        self.target = Path(target)
-
-    def __enter__(self) -> Path:
-        fd, name = tempfile.mkstemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".tmp")
-        os.close(fd)
-        self.tmp = Path(name)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            os.replace(self.tmp, self.target)
-        else:
-            self.tmp.unlink(missing_ok=True)

@@ -1,0 +1,41 @@
+"""Atomic file writes: a temporary file in the target's folder, then a rename.
+
+A crash or an interrupt mid-write leaves the previous file (or none) under the real
+name, never a truncated one: ``os.replace`` is atomic on POSIX and Windows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` on success.
+
+    On an exception the temporary file is removed and ``target`` is left untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(target: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``target`` atomically and return the path."""
+    with atomic_path(target) as tmp:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())  # the bytes are on disk before the rename publishes them
+    return Path(target)
