@@ -76,5 +76,10 @@ def use_triton(tensor: torch.Tensor) -> bool:
     if _backend == "triton":
         if not triton_available():
             raise RuntimeError("EASE_KERNELS=triton but Triton cannot be imported")
+        if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                f"EASE_KERNELS=triton got a {tensor.device.type} tensor: the kernels need CUDA tensors, "
+                "or TRITON_INTERPRET=1 set before Triton is imported to run them on the CPU"
+            )
         return True
     return tensor.is_cuda and triton_available()

@@ -17,8 +17,11 @@ import ease_kernels  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
-# Devices the kernel parity tests run on: the CPU through the interpreter always, CUDA when present.
-KERNEL_DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+# The device the Triton kernels run on in this process: CUDA when present (compiled
+# kernels), else the CPU through the interpreter. A process cannot do both: the
+# interpreter is chosen once, when Triton is imported.
+KERNEL_DEVICE = "cuda" if CUDA else "cpu"
+KERNEL_DEVICES = [KERNEL_DEVICE]
 
 
 @pytest.fixture

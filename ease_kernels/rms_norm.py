@@ -1,0 +1,452 @@
+"""RMSNorm, optionally fused with the pre-norm residual add.
+
+Reads top to bottom: the reference op (the definition), the Triton kernels, their
+launchers, the ``torch.library`` registration, and the public function.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ease_kernels._launch import jit, persistent_programs, row_block
+from ease_kernels._validation import check_float
+from ease_kernels.dispatch import use_triton
+
+try:
+    import triton.language as tl
+except ImportError:  # Triton is optional: without it dispatch.use_triton never picks a kernel
+    tl = None
+
+
+# ---------------------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------------------
+def rms_norm_reference(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``y = (x32 * rsqrt(mean(x32 ** 2, -1) + eps) * weight32).to(x.dtype)``.
+
+    ``x32`` is ``x`` upcast to float32 (float64 stays float64), so the statistics are
+    accumulated in at least float32 whatever the input dtype. With ``residual``, the sum
+    ``s = x + residual`` (in ``x.dtype``) is normalised instead and ``(y, s)`` returned.
+    """
+    if residual is not None:
+        x = x + residual
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)
+    x32 = x.to(compute_dtype)
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.to(compute_dtype)
+    y = y.to(x.dtype)
+    return y if residual is None else (y, x)
+
+
+# ---------------------------------------------------------------------------------------
+# Kernels
+#
+# Forward, per row of n columns (x is s = x + residual when a residual is given):
+#     rstd = 1 / sqrt(mean(x ** 2) + eps)            (float32, saved for the backward)
+#     xhat = x * rstd
+#     y    = xhat * w
+# Backward, given dy (and ds, the gradient flowing into the returned s):
+#     dy_w = dy * w
+#     c    = mean(dy_w * xhat)                         (one scalar per row)
+#     dx   = rstd * (dy_w - xhat * c)  [+ ds]          (the gradient wrt x and wrt residual)
+#     dw   = sum over rows of dy * xhat
+# The term xhat * c is the gradient through rstd: d rstd / dx_j = -rstd ** 3 * x_j / n.
+# Everything is computed in float32 and rounded once, on the store.
+# ---------------------------------------------------------------------------------------
+@jit
+def _load_normalised_input(
+    X,  # pointer to x[row, 0], the row's first element
+    R,  # pointer to residual[row, 0] (read only when HAS_RESIDUAL)
+    cols,  # column indices of this chunk
+    mask,  # cols < n_cols
+    HAS_RESIDUAL: tl.constexpr,
+):
+    """The chunk of the input that is normalised: ``x``, or ``s = x + residual`` rounded."""
+    x = tl.load(X + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(R + cols, mask=mask, other=0.0)
+        # PyTorch adds half-precision tensors in float32 and rounds once; doing the same
+        # makes s, and everything normalised from it, match the reference's `x + residual`.
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+    return x
+
+
+@jit
+def _rms_norm_fwd_fused(
+    X,  # input x [n_rows, n_cols], unit column stride
+    R,  # residual, x's dtype, unit column stride (read only when HAS_RESIDUAL)
+    S,  # output s = x + residual, contiguous, x's dtype (written only when HAS_RESIDUAL)
+    Y,  # output y, contiguous, x's dtype
+    W,  # weight [n_cols], any float dtype (upcast to float32)
+    Rstd,  # output rstd [n_rows], float32
+    stride_x,  # elements between rows of X
+    stride_r,  # elements between rows of R
+    n_cols,  # hidden size n
+    eps,  # added to the mean square
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,  # columns per chunk; >= n_cols unless LOOP
+    LOOP: tl.constexpr,  # n_cols > BLOCK: walk the row in chunks, in two passes
+):
+    """One program normalises one row. Grid: ``(n_rows,)``."""
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride can pass 2 ** 31
+    X += row * stride_x
+    R += row * stride_r
+    S += row * n_cols
+    Y += row * n_cols
+    if LOOP:
+        # Pass 1: sum of squares (and s written once). Pass 2: normalise. s is recomputed
+        # from x and residual in pass 2 (same rounding, so the same values) rather than
+        # read back from S, so no pass depends on another's stores.
+        sum_sq = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            x = _load_normalised_input(X, R, cols, mask, HAS_RESIDUAL)
+            if HAS_RESIDUAL:
+                tl.store(S + cols, x, mask=mask)
+            x = x.to(tl.float32)
+            sum_sq += x * x
+        rstd = tl.rsqrt(tl.sum(sum_sq, axis=0) / n_cols + eps)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            x = _load_normalised_input(X, R, cols, mask, HAS_RESIDUAL).to(tl.float32)
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(Y + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
+    else:
+        # The whole row fits one block: every tensor is read or written exactly once.
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = _load_normalised_input(X, R, cols, mask, HAS_RESIDUAL)
+        if HAS_RESIDUAL:
+            tl.store(S + cols, x, mask=mask)
+        x = x.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Rstd + row, rstd)
+
+
+@jit
+def _rms_norm_bwd_dx_fused(
+    DY,  # gradient wrt y [n_rows, n_cols], unit column stride
+    DS,  # gradient wrt the returned s, unit column stride (read only when HAS_DS)
+    X,  # the normalised input (s with a residual), unit column stride
+    W,  # weight [n_cols], any float dtype
+    Rstd,  # rstd [n_rows] from the forward, float32
+    DX,  # output dx, contiguous, X's dtype
+    DW_partial,  # output [n_programs, n_cols] float32: this program's share of dw
+    stride_dy,  # elements between rows of DY
+    stride_ds,  # elements between rows of DS
+    stride_x,  # elements between rows of X
+    n_rows,  # rows in all
+    n_cols,  # hidden size n
+    rows_per_program,  # rows each program walks
+    HAS_DS: tl.constexpr,
+    BLOCK: tl.constexpr,  # columns per chunk; >= n_cols unless LOOP
+    LOOP: tl.constexpr,  # n_cols > BLOCK: walk each row in chunks, in two passes
+):
+    """Program ``p`` owns rows ``[p * rows_per_program, (p + 1) * rows_per_program)`` and
+    row ``p`` of ``DW_partial``, which the launcher sums over programs: a deterministic
+    reduction, without atomics. Grid: ``(n_programs,)``."""
+    program = tl.program_id(0).to(tl.int64)
+    row_start = program * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    DW_partial += program * n_cols
+    if LOOP:
+        # dw cannot stay in registers across rows: it is accumulated in this program's
+        # row of DW_partial (zeroed by the launcher), which no other program touches.
+        for row in range(row_start, row_end):
+            rstd = tl.load(Rstd + row)
+            dy_w_xhat = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, n_cols, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                mask = cols < n_cols
+                x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                dy_w_xhat += dy * w * (x * rstd)
+            c = tl.sum(dy_w_xhat, axis=0) / n_cols
+            for start in range(0, n_cols, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                mask = cols < n_cols
+                x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                xhat = x * rstd
+                dx = rstd * (dy * w - xhat * c)
+                if HAS_DS:
+                    dx += tl.load(DS + row * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
+                tl.store(DX + row * n_cols + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                dw = tl.load(DW_partial + cols, mask=mask, other=0.0)
+                tl.store(DW_partial + cols, dw + dy * xhat, mask=mask)
+    else:
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK], dtype=tl.float32)
+        for row in range(row_start, row_end):
+            rstd = tl.load(Rstd + row)
+            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+            xhat = x * rstd
+            dy_w = dy * w
+            c = tl.sum(dy_w * xhat, axis=0) / n_cols
+            dx = rstd * (dy_w - xhat * c)
+            if HAS_DS:
+                dx += tl.load(DS + row * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + row * n_cols + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            dw += dy * xhat
+        tl.store(DW_partial + cols, dw, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers: plain functions on tensors, usable (and tested) without autograd.
+# ---------------------------------------------------------------------------------------
+# Rows up to this many elements are held in registers whole (Llama hidden sizes up to
+# 8192); longer rows are walked in chunks of this size, reading each input twice.
+MAX_BLOCK = 8192
+
+
+def _as_rows(tensor: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
+    """``tensor`` as ``[n_rows, n_cols]`` with unit column stride (copied only if needed).
+
+    The kernels take a row stride, so a view whose rows are strided (a slice of a wider
+    tensor) is used in place; anything else is made contiguous.
+    """
+    rows = tensor.reshape(n_rows, n_cols)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def rms_norm_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    *,
+    max_block: int = MAX_BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Run the forward kernel.
+
+    Args:
+        x: ``[..., n]`` float16, bfloat16 or float32, any layout.
+        weight: ``[n]``, any float dtype.
+        eps: added to the mean square.
+        residual: optional, ``x``'s shape and dtype; ``s = x + residual`` is normalised.
+        max_block: the largest block; rows longer than it are walked in chunks.
+
+    Returns:
+        ``(y, s, rstd)``: ``y`` and ``s`` contiguous in ``x``'s shape and dtype (``s`` is
+        None without ``residual``), ``rstd`` float32 of shape ``x.shape[:-1]``.
+    """
+    n_cols = x.shape[-1]
+    n_rows = math.prod(x.shape[:-1])
+    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    s = None if residual is None else torch.empty_like(y)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    if y.numel() > 0:
+        x_rows = _as_rows(x, n_rows, n_cols)
+        # Without a residual, R and S are never touched: any pointer will do.
+        r_rows = x_rows if residual is None else _as_rows(residual, n_rows, n_cols)
+        block, num_warps = row_block(n_cols, max_block=max_block, can_loop=True)
+        _rms_norm_fwd_fused[(n_rows,)](
+            x_rows, r_rows, y if s is None else s, y, weight.contiguous(), rstd,
+            x_rows.stride(0), r_rows.stride(0), n_cols, eps,
+            HAS_RESIDUAL=residual is not None, BLOCK=block, LOOP=n_cols > block,
+            num_warps=num_warps,
+        )  # fmt: skip
+    return y.view(x.shape), None if s is None else s.view(x.shape), rstd.view(x.shape[:-1])
+
+
+def rms_norm_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    ds: torch.Tensor | None = None,
+    *,
+    max_block: int = MAX_BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the backward kernel.
+
+    Args:
+        dy: gradient wrt ``y``, ``x``'s shape.
+        x: the normalised input (``s`` when the forward had a residual).
+        weight: ``[n]``.
+        rstd: float32 ``x.shape[:-1]`` from :func:`rms_norm_fwd`.
+        ds: optional gradient wrt ``s``, added to ``dx``.
+        max_block: the largest block; rows longer than it are walked in chunks.
+
+    Returns:
+        ``(dx, dweight)``: ``dx`` contiguous in ``x``'s shape and dtype (the gradient wrt
+        both ``x`` and ``residual`` when there was one), ``dweight`` in ``weight``'s dtype,
+        summed in float32 over the rows.
+    """
+    n_cols = x.shape[-1]
+    n_rows = math.prod(x.shape[:-1])
+    dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    if dx.numel() == 0:
+        return dx.view(x.shape), torch.zeros(n_cols, dtype=weight.dtype, device=weight.device)
+    x_rows = _as_rows(x, n_rows, n_cols)
+    dy_rows = _as_rows(dy, n_rows, n_cols)
+    ds_rows = dy_rows if ds is None else _as_rows(ds, n_rows, n_cols)  # never read without ds
+    block, num_warps = row_block(n_cols, max_block=max_block, can_loop=True)
+    loop = n_cols > block
+    rows_per_program = -(-n_rows // persistent_programs(n_rows, x.device))
+    n_programs = -(-n_rows // rows_per_program)  # no program left without a row
+    # The looping kernel adds into its row of the buffer, so it must start at zero; the
+    # one-block kernel writes its row once.
+    dw_partial = (torch.zeros if loop else torch.empty)(
+        (n_programs, n_cols), dtype=torch.float32, device=x.device
+    )
+    _rms_norm_bwd_dx_fused[(n_programs,)](
+        dy_rows, ds_rows, x_rows, weight.contiguous(), rstd.contiguous(), dx, dw_partial,
+        dy_rows.stride(0), ds_rows.stride(0), x_rows.stride(0),
+        n_rows, n_cols, rows_per_program,
+        HAS_DS=ds is not None, BLOCK=block, LOOP=loop, num_warps=num_warps,
+    )  # fmt: skip
+    return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Registration: custom ops (opaque to torch.compile, with fake implementations for
+# tracing) and their autograd. A custom op may not return None or an alias of an input,
+# hence two forward ops: with a residual the op also returns s; without, it cannot.
+# ---------------------------------------------------------------------------------------
+@torch.library.custom_op("ease::rms_norm_fwd", mutates_args=())
+def _rms_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, rstd)`` of :func:`rms_norm_fwd` without a residual."""
+    y, _, rstd = rms_norm_fwd(x, weight, eps)
+    return y, rstd
+
+
+@torch.library.custom_op("ease::rms_norm_residual_fwd", mutates_args=())
+def _rms_norm_residual_fwd_op(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, s, rstd)`` of :func:`rms_norm_fwd` with ``s = x + residual``."""
+    return rms_norm_fwd(x, weight, eps, residual)
+
+
+@torch.library.custom_op("ease::rms_norm_bwd", mutates_args=())
+def _rms_norm_bwd_op(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, ds: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dx, dweight)`` of :func:`rms_norm_bwd`."""
+    return rms_norm_bwd(dy, x, weight, rstd, ds)
+
+
+def _empty_like_rows(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _empty_rstd(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+
+
+@_rms_norm_fwd_op.register_fake
+def _(x, weight, eps):
+    return _empty_like_rows(x), _empty_rstd(x)
+
+
+@_rms_norm_residual_fwd_op.register_fake
+def _(x, residual, weight, eps):
+    return _empty_like_rows(x), _empty_like_rows(x), _empty_rstd(x)
+
+
+@_rms_norm_bwd_op.register_fake
+def _(dy, x, weight, rstd, ds):
+    return _empty_like_rows(x), torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+
+
+def _setup_fwd(ctx, inputs, output):
+    x, weight, _ = inputs
+    _, rstd = output
+    ctx.mark_non_differentiable(rstd)
+    ctx.save_for_backward(x, weight, rstd)
+
+
+def _backward_fwd(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dweight = torch.ops.ease.rms_norm_bwd(dy, x, weight, rstd, None)
+    return dx, dweight, None
+
+
+def _setup_residual_fwd(ctx, inputs, output):
+    _, _, weight, _ = inputs
+    _, s, rstd = output
+    ctx.mark_non_differentiable(rstd)
+    ctx.save_for_backward(s, weight, rstd)  # s, not x: it is what was normalised
+
+
+def _backward_residual_fwd(ctx, dy, ds, _drstd):
+    s, weight, rstd = ctx.saved_tensors
+    # s = x + residual, so both receive the same gradient: the kernel's dx, which
+    # already includes ds (autograd materialises ds as zeros when s is unused).
+    dx, dweight = torch.ops.ease.rms_norm_bwd(dy, s, weight, rstd, ds)
+    return dx, dx, dweight, None
+
+
+torch.library.register_autograd("ease::rms_norm_fwd", _backward_fwd, setup_context=_setup_fwd)
+torch.library.register_autograd(
+    "ease::rms_norm_residual_fwd", _backward_residual_fwd, setup_context=_setup_residual_fwd
+)
+
+
+def _rms_norm_triton(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    if residual is None:
+        y, _ = torch.ops.ease.rms_norm_fwd(x, weight, eps)
+        return y
+    y, s, _ = torch.ops.ease.rms_norm_residual_fwd(x, residual, weight, eps)
+    return y, s
+
+
+# ---------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Root-mean-square normalisation of the last dimension of ``x``.
+
+    Args:
+        x: ``[..., hidden]`` float16, bfloat16, float32 or float64.
+        weight: ``[hidden]`` floating; may be float32 while ``x`` is half precision.
+        eps: added to the mean square before the reciprocal square root.
+        residual: optional tensor of ``x``'s shape and dtype. When given, ``s = x + residual``
+            is normalised and ``(y, s)`` returned (the pre-norm residual add, fused).
+
+    Returns:
+        ``y`` of ``x``'s shape and dtype, or ``(y, s)`` with ``residual``.
+
+    Raises:
+        TypeError: a non-floating ``x``, ``weight`` or ``residual``.
+        ValueError: ``weight`` not of shape ``[x.shape[-1]]``, ``residual`` of another
+            shape or dtype than ``x``, or ``eps`` negative.
+    """
+    check_float("x", x)
+    check_float("weight", weight)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (the hidden dimension)")
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(
+            f"weight must have shape ({x.shape[-1]},) to match the last dimension of x "
+            f"{tuple(x.shape)}, got {tuple(weight.shape)}"
+        )
+    if residual is not None:
+        check_float("residual", residual)
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(
+                f"residual must have the shape and dtype of x ({tuple(x.shape)}, {x.dtype}), "
+                f"got ({tuple(residual.shape)}, {residual.dtype})"
+            )
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if use_triton(x):
+        return _rms_norm_triton(x, weight, float(eps), residual)
+    return rms_norm_reference(x, weight, eps, residual)
