@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 
 try:
+    import triton.language as tl
     from triton import jit
 except ImportError:  # Triton is optional; dispatch.use_triton never picks a kernel without it
+    tl = None  # kernel annotations are strings (``from __future__ import annotations``)
 
     def jit(fn):
         """Stand-in for ``triton.jit`` when Triton is absent: the kernel is never launched."""

@@ -10,14 +10,10 @@ import math
 
 import torch
 
-from ease_kernels._launch import jit, persistent_programs, row_block
+from ease_kernels._launch import jit, persistent_programs, row_block, tl
 from ease_kernels._validation import check_float
 from ease_kernels.dispatch import use_triton
 
-try:
-    import triton.language as tl
-except ImportError:  # Triton is optional: without it dispatch.use_triton never picks a kernel
-    tl = None
 
 
 # ---------------------------------------------------------------------------------------

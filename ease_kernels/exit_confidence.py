@@ -1,0 +1,202 @@
+"""The exit head's confidence check: top-1 softmax probability, prediction, exit decision.
+
+Reads top to bottom: the reference (the definition), the one-pass Triton kernel, its
+launcher, the ``torch.library`` registration (``ease::exit_confidence`` with its fake), and
+the public function.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from ease_kernels._launch import jit, row_block, tl
+from ease_kernels._validation import check_float, check_threshold
+from ease_kernels.dispatch import use_triton
+
+
+
+class ExitDecision(NamedTuple):
+    """Result of :func:`exit_confidence`, each of the logits' leading shape.
+
+    Attributes:
+        confidence: top-1 softmax probability, float32.
+        prediction: argmax over the vocabulary (first index on ties), int64.
+        exit: ``confidence >= threshold`` (bool), or ``None`` without a threshold.
+    """
+
+    confidence: torch.Tensor
+    prediction: torch.Tensor
+    exit: torch.Tensor | None
+
+
+# ---------------------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------------------
+def exit_confidence_reference(logits: torch.Tensor, threshold: float | None = None) -> ExitDecision:
+    """``confidence = exp(max(z) - logsumexp(z))`` over the last dimension, in float32.
+
+    ``prediction`` is ``argmax(z)`` (the first maximal index), ``exit`` is
+    ``confidence >= threshold``.
+    """
+    logits32 = logits.float()
+    top, prediction = logits32.max(dim=-1)
+    confidence = torch.exp(top - torch.logsumexp(logits32, dim=-1))
+    exit = None if threshold is None else confidence >= threshold
+    return ExitDecision(confidence, prediction, exit)
+
+
+# ---------------------------------------------------------------------------------------
+# Kernel
+# ---------------------------------------------------------------------------------------
+# With M = max_j z_j, the top-1 softmax probability is
+#
+#     confidence = exp(M - M) / sum_j exp(z_j - M) = 1 / sum_j exp(z_j - M).
+#
+# One pass, online: lane l of the block sees z_l, z_{l+BLOCK_V}, ... and keeps its running
+# max m_l and running sum s_l = sum exp(z - m_l), rescaled whenever m_l grows:
+#
+#     m_l' = max(m_l, z),   s_l' = s_l * exp(m_l - m_l') + exp(z - m_l'),
+#
+# and the index a_l of the first z that reached m_l (strict `>`, so later ties never move
+# it). At the end the lanes are combined: M = max_l m_l, sum = sum_l s_l * exp(m_l - M),
+# prediction = min { a_l : m_l = M }, the first index of the maximum, as torch.max gives.
+#
+# -inf logits: a lane that has seen only -inf keeps m_l = -inf and s_l = 0; exponents are
+# taken against a finite stand-in for -inf so no inf - inf (NaN) is ever formed. A row of
+# only -inf has no softmax: it gets confidence NaN (as the reference does), prediction 0
+# and exit False. +inf or NaN logits give confidence NaN (exit False); their prediction
+# is unspecified.
+#
+# One program owns one row. Grid: (rows,).
+@jit
+def _exit_confidence_fwd_kernel(
+    Logits,  # [rows, vocab] rows at stride_row, vocab contiguous; fp16, bf16 or fp32
+    Confidence,  # [rows] float32 output
+    Prediction,  # [rows] int64 output
+    Exit,  # [rows] bool output: confidence >= threshold
+    stride_row,  # elements between consecutive rows of Logits
+    vocab,  # V, the row length
+    threshold,  # float; +inf when the caller wants no decision (exit all False)
+    BLOCK_V: tl.constexpr,  # lanes per block (power of two); the loop covers all of V
+):
+    # int64 so that row * stride_row cannot overflow for large batches of large vocabularies.
+    row = tl.program_id(0).to(tl.int64)
+    row_start = Logits + row * stride_row
+    lanes = tl.arange(0, BLOCK_V)
+    m = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_V], dtype=tl.float32)
+    a = lanes
+    for start in range(0, vocab, BLOCK_V):
+        offs = start + lanes
+        z = tl.load(row_start + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
+        a = tl.where(z > m, offs, a)
+        m_new = tl.maximum(m, z)
+        # While m_new is -inf, s stays 0: exp(-inf - 0) = 0 for both terms.
+        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+        s = s * tl.exp(m - m_ref) + tl.exp(z - m_ref)
+        m = m_new
+    m_max = tl.max(m, axis=0)
+    m_max_ref = tl.where(m_max > float("-inf"), m_max, 0.0)
+    total = tl.sum(s * tl.exp(m - m_max_ref), axis=0)
+    prediction = tl.min(tl.where(m == m_max, a, vocab), axis=0)
+    # total >= 1 whenever the row has a finite maximum; 0 means all -inf: NaN, not 1/0.
+    confidence = 1.0 / tl.where(total > 0.0, total, float("nan"))
+    tl.store(Confidence + row, confidence)
+    tl.store(Prediction + row, prediction.to(tl.int64))
+    tl.store(Exit + row, confidence >= threshold)
+
+
+# ---------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------
+# Lanes per block of the vocabulary loop. 4096 float32 lanes of (m, s, a) stay in the
+# registers of 8 warps; a longer row loops. Larger blocks would spill on the GPU.
+_VOCAB_BLOCK = 4096
+
+
+def _exit_confidence_launch(
+    logits: torch.Tensor, threshold: float | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Confidence, prediction and exit (all False without a threshold) of ``logits`` ``[..., V]``.
+
+    Arguments are already validated by :func:`exit_confidence`.
+    """
+    leading, vocab = logits.shape[:-1], logits.shape[-1]
+    confidence = torch.empty(leading, dtype=torch.float32, device=logits.device)
+    prediction = torch.empty(leading, dtype=torch.int64, device=logits.device)
+    exit = torch.empty(leading, dtype=torch.bool, device=logits.device)
+    if confidence.numel() == 0:
+        return confidence, prediction, exit
+    # The kernel reads a row with stride 1 and steps between rows by one stride, so the
+    # leading dimensions must flatten to one; reshape copies only when they do not.
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    rows = logits.reshape(-1, vocab)
+    block_v, num_warps = row_block(vocab, max_block=_VOCAB_BLOCK, can_loop=True)
+    _exit_confidence_fwd_kernel[(rows.shape[0],)](
+        rows, confidence, prediction, exit,
+        rows.stride(0), vocab, math.inf if threshold is None else threshold,
+        BLOCK_V=block_v, num_warps=num_warps,
+    )
+    return confidence, prediction, exit
+
+
+# ---------------------------------------------------------------------------------------
+# Registration: custom op and fake implementation (no autograd: a decision, not a loss)
+# ---------------------------------------------------------------------------------------
+@torch.library.custom_op("ease::exit_confidence", mutates_args=())
+def _exit_confidence_op(
+    logits: torch.Tensor, threshold: float | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(confidence, prediction, exit)``; ``exit`` is all False when ``threshold`` is None."""
+    return _exit_confidence_launch(logits, threshold)
+
+
+@_exit_confidence_op.register_fake
+def _(logits, threshold):
+    leading = logits.shape[:-1]
+    return (
+        logits.new_empty(leading, dtype=torch.float32),
+        logits.new_empty(leading, dtype=torch.int64),
+        logits.new_empty(leading, dtype=torch.bool),
+    )
+
+
+def _exit_confidence_triton(logits: torch.Tensor, threshold: float | None) -> ExitDecision:
+    confidence, prediction, exit = torch.ops.ease.exit_confidence(logits, threshold)
+    return ExitDecision(confidence, prediction, None if threshold is None else exit)
+
+
+# ---------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def exit_confidence(logits: torch.Tensor, threshold: float | None = None) -> ExitDecision:
+    """Top-1 softmax probability, argmax and exit decision of ``logits`` ``[..., vocab]``.
+
+    Computed in one pass over the logits (online max and sum of exponentials) by the
+    Triton kernel. Inference only: no gradient flows.
+
+    Args:
+        logits: ``[..., vocab]`` floating, ``vocab >= 1``.
+        threshold: exit when ``confidence >= threshold``; in (0, 1] or None.
+
+    Returns:
+        :class:`ExitDecision` ``(confidence, prediction, exit)``. A row of only ``-inf``
+        logits has no softmax: confidence NaN, prediction 0, exit False.
+
+    Raises:
+        TypeError: non-floating logits or a non-numeric threshold.
+        ValueError: a threshold outside (0, 1], logits with no dimension or an empty
+            vocabulary.
+    """
+    check_float("logits", logits)
+    threshold = check_threshold(threshold)
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must be [..., vocab] with vocab >= 1, got {tuple(logits.shape)}")
+    if use_triton(logits):
+        return _exit_confidence_triton(logits, threshold)
+    return exit_confidence_reference(logits, threshold)

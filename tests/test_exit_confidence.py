@@ -1,0 +1,267 @@
+"""Tests of ease_kernels.exit_confidence: reference and one-pass Triton kernel against a
+float64 truth, ties, thresholds, layouts, ``-inf``, the ``ease::exit_confidence`` custom op,
+and argument errors.
+
+Confidence errors are relative, element by element: ``max |c - truth| / truth`` (a
+confidence can be as small as ``1 / vocab``). Predictions and exit decisions must be exact.
+"""
+
+import os
+
+import pytest
+import torch
+
+import ease_kernels
+from ease_kernels import exit_confidence, exit_confidence_reference
+from ease_kernels.exit_confidence import _VOCAB_BLOCK as BLOCK  # the kernel's lanes per loop step
+
+# Where the kernels can run: CUDA when present, the CPU only through the Triton interpreter
+# (conftest turns it on when there is no GPU; without it Triton cannot touch CPU tensors).
+DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (
+    ["cuda"] if torch.cuda.is_available() else []
+)
+EPS32 = torch.finfo(torch.float32).eps
+
+# logits dtype -> largest relative confidence error. Loading any of these dtypes into float32
+# is exact, so only the float32 arithmetic counts: exp (a few eps on GPUs, whose exp is an
+# approximation) and the sum of V terms (each lane adds V / BLOCK of them, then a tree of
+# log2(BLOCK) levels), whose roundings mostly cancel. Seen: under 1 eps in the interpreter.
+TOLERANCE = {
+    torch.float32: 16 * EPS32,  # float32 arithmetic only (see above)
+    torch.bfloat16: 16 * EPS32,  # same: bfloat16 -> float32 is exact, so no input rounding
+    torch.float16: 16 * EPS32,  # same: float16 -> float32 is exact, so no input rounding
+}
+
+
+def truth(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 confidence (largest softmax probability) and the first index of the maximum."""
+    z = logits.double()
+    confidence = torch.softmax(z, dim=-1).max(dim=-1).values
+    is_max = z == z.max(dim=-1, keepdim=True).values
+    index = torch.arange(z.shape[-1], device=z.device).expand_as(z)
+    prediction = torch.where(is_max, index, z.shape[-1]).min(dim=-1).values
+    return confidence, prediction
+
+
+def rel_error(confidence: torch.Tensor, truth_confidence: torch.Tensor) -> float:
+    if confidence.numel() == 0:
+        return 0.0
+    return ((confidence.double() - truth_confidence).abs() / truth_confidence).max().item()
+
+
+def check_against_truth(logits: torch.Tensor, result, tol: float, threshold: float | None) -> float:
+    """Assert shapes, dtypes, confidence within ``tol``, exact prediction and exit semantics."""
+    leading = logits.shape[:-1]
+    assert result.confidence.shape == leading and result.confidence.dtype == torch.float32
+    assert result.prediction.shape == leading and result.prediction.dtype == torch.int64
+    truth_confidence, truth_prediction = truth(logits)
+    error = rel_error(result.confidence, truth_confidence)
+    assert error <= tol, f"confidence relative error {error:.3g} > {tol:.3g}"
+    mismatch = (result.prediction != truth_prediction).nonzero()
+    if mismatch.numel():
+        first = tuple(mismatch[0].tolist())
+        raise AssertionError(
+            f"prediction differs at {mismatch[:5].tolist()}: {result.prediction[first].item()} "
+            f"vs first argmax {truth_prediction[first].item()}"
+        )
+    if threshold is None:
+        assert result.exit is None
+    else:
+        assert result.exit.dtype == torch.bool and result.exit.shape == leading
+        assert torch.equal(result.exit, result.confidence >= threshold)
+    return error
+
+
+# ---------------------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+def test_reference_matches_float64_truth(dtype):
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(5, 1000)).to(dtype)
+    check_against_truth(logits, exit_confidence_reference(logits, 0.2), TOLERANCE[dtype], 0.2)
+
+
+# ---------------------------------------------------------------------------------------
+# Triton kernel (through the public op)
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+# 1 and 7: a single partial block; 1000: not a power of two; 3 blocks + a remainder: the
+# online loop rescales across blocks.
+@pytest.mark.parametrize("vocab", [1, 7, 1000, 3 * BLOCK + 123])
+def test_kernel_matches_float64_truth(triton_backend, device, dtype, vocab):
+    torch.manual_seed(vocab)
+    # Scale 3 spreads the confidences over (0, 1], so the threshold splits the rows.
+    logits = (3 * torch.randn(6, vocab, device=device)).to(dtype)
+    logits[0, -1] = 20.0  # a confident row whose maximum sits in the last (partial) block
+    result = exit_confidence(logits, 0.3)
+    error = check_against_truth(logits, result, TOLERANCE[dtype], 0.3)
+    # One pass is no less accurate than the reference's two, beyond the tolerance.
+    reference_error = rel_error(exit_confidence_reference(logits).confidence, truth(logits)[0])
+    assert error <= reference_error + TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_vocab_262144(triton_backend, device):
+    torch.manual_seed(1)
+    logits = torch.randn(2, 262_144, device=device)
+    logits[1, 200_000] = 30.0
+    check_against_truth(logits, exit_confidence(logits, 0.5), TOLERANCE[torch.float32], 0.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+def test_kernel_ties_give_first_index(triton_backend, device, dtype):
+    """Duplicated maxima in the same lane, in different lanes either way round, in the
+    remainder block, three-way, and a constant row: the first index wins, as in torch.max."""
+    vocab = 2 * BLOCK + 50
+    tie_sets = [
+        [5, 5 + BLOCK],  # same lane, later block
+        [BLOCK + 9, 3],  # lower lane holds the lower index
+        [BLOCK - 1, BLOCK + 2],  # higher lane holds the lower index
+        [2 * BLOCK + 10, 2 * BLOCK + 49],  # both in the partial last block
+        [2 * BLOCK + 1, BLOCK + 3, 7],  # three-way
+    ]
+    torch.manual_seed(2)
+    logits = torch.randn(len(tie_sets) + 1, vocab, device=device).clamp(-3, 3)
+    for row, indices in enumerate(tie_sets):
+        logits[row, indices] = 5.0
+    logits[-1] = 1.0  # constant row: every index ties, confidence 1 / vocab
+    logits = logits.to(dtype)
+    result = exit_confidence(logits)
+    check_against_truth(logits, result, TOLERANCE[dtype], None)
+    assert result.prediction.tolist() == [min(indices) for indices in tie_sets] + [0]
+    assert torch.equal(result.prediction.cpu(), logits.cpu().float().max(dim=-1).indices)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_ties_in_small_vocab(triton_backend, device):
+    logits = torch.tensor(
+        [[1.0, 3.0, 0.0, 3.0, 3.0], [2.0, 2.0, 2.0, 2.0, 2.0], [0.0, 0.0, 0.0, 0.0, 9.0]], device=device
+    )
+    result = exit_confidence(logits)
+    assert result.prediction.tolist() == [1, 0, 4]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_threshold_semantics(triton_backend, device):
+    torch.manual_seed(3)
+    logits = torch.randn(16, 300, device=device) * torch.linspace(0.5, 12, 16, device=device)[:, None]
+    logits[0] = 0.0
+    logits[0, 7] = 1000.0  # softmax exactly 1.0 in float32: exits even at threshold 1
+    confidence = exit_confidence(logits).confidence
+    assert confidence[0].item() == 1.0
+    for threshold in (0.05, 0.5, 0.9, 1.0, confidence[5].item()):
+        result = exit_confidence(logits, threshold)
+        check_against_truth(logits, result, TOLERANCE[torch.float32], threshold)
+        assert result.exit[0]
+    # `>=`: a threshold equal to a row's confidence exits that row.
+    assert exit_confidence(logits, confidence[5].item()).exit[5]
+    assert exit_confidence(logits, None).exit is None
+    assert exit_confidence(logits).exit is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "layout", ["row_stride", "strided_rows", "non_flattening", "vocab_stride_2", "vocab_transposed"]
+)
+def test_kernel_non_contiguous_logits(triton_backend, device, layout):
+    torch.manual_seed(4)
+    vocab = 517
+    wide = torch.randn(4, 3, 2 * vocab + 5, device=device) * 4
+    logits = {
+        "row_stride": wide[..., :vocab],  # rows of a wider buffer: passed as a stride
+        "strided_rows": wide[::2, :, :vocab],  # every other batch row: still one row stride
+        "non_flattening": wide[..., :vocab].transpose(0, 1),  # leading dims copied by reshape
+        "vocab_stride_2": wide[..., : 2 * vocab : 2],  # vocab not stride 1: made contiguous
+        "vocab_transposed": wide[0, :, :vocab].t().contiguous().t(),  # vocab stride 3
+    }[layout]
+    assert not logits.is_contiguous()
+    check_against_truth(logits, exit_confidence(logits, 0.4), TOLERANCE[torch.float32], 0.4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("leading", [(), (4,), (2, 3)], ids=["rank1", "rank2", "rank3"])
+def test_kernel_leading_shapes(triton_backend, device, leading):
+    torch.manual_seed(5)
+    logits = 3 * torch.randn(*leading, 33, device=device)
+    check_against_truth(logits, exit_confidence(logits, 0.5), TOLERANCE[torch.float32], 0.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(0, 11), (2, 0, 11)])
+@pytest.mark.parametrize("threshold", [None, 0.5])
+def test_kernel_empty_input(triton_backend, device, shape, threshold):
+    result = exit_confidence(torch.empty(shape, device=device), threshold)
+    assert result.confidence.shape == result.prediction.shape == shape[:-1]
+    assert result.confidence.dtype == torch.float32 and result.prediction.dtype == torch.int64
+    assert result.exit is None if threshold is None else result.exit.shape == shape[:-1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+@pytest.mark.parametrize("scale", [100.0, 1000.0])
+def test_kernel_large_magnitude_logits(triton_backend, device, dtype, scale):
+    """exp(z) overflows float32 beyond z = 88: only the online rescaling keeps the sum finite."""
+    torch.manual_seed(6)
+    logits = (scale * torch.randn(4, BLOCK + 300, device=device)).to(dtype)
+    # Near-ties at large magnitude, in different blocks, so the rescaling carries real weight.
+    logits[1, 10] = logits[1].max() if dtype != torch.float32 else logits[1].max() - 0.5
+    logits[2] = logits[2] / scale  # values of order 1 beside ...
+    logits[2, BLOCK + 5] = 60.0  # ... one of 60: its exp alone is 1e26
+    check_against_truth(logits, exit_confidence(logits, 0.5), TOLERANCE[dtype], 0.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_minus_inf_logits(triton_backend, device):
+    """Masked (-inf) entries contribute nothing; a row of only -inf has no softmax and gets
+    confidence NaN (like the reference), prediction 0 (like torch.max) and exit False."""
+    logits = torch.randn(3, BLOCK + 20, device=device)
+    logits[0, ::2] = float("-inf")
+    logits[1, : BLOCK + 10] = float("-inf")  # a whole block of -inf before any finite value
+    logits[2] = float("-inf")
+    result = exit_confidence(logits, 0.5)
+    check_against_truth(logits[:2], exit_confidence(logits[:2], 0.5), TOLERANCE[torch.float32], 0.5)
+    reference = exit_confidence_reference(logits, 0.5)
+    assert torch.isnan(result.confidence[2]) and torch.isnan(reference.confidence[2])
+    assert result.prediction[2].item() == reference.prediction[2].item() == 0
+    assert not result.exit[2]
+
+
+# ---------------------------------------------------------------------------------------
+# Custom op
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("threshold", [None, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(triton_backend, device, threshold, dtype):
+    torch.manual_seed(7)
+    logits = torch.randn(2, 3, 37, device=device).to(dtype)
+    torch.library.opcheck(torch.ops.ease.exit_confidence.default, (logits, threshold))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_without_threshold_exits_nothing(triton_backend, device):
+    confidence, _, exit = torch.ops.ease.exit_confidence(torch.tensor([[0.0, 50.0]], device=device), None)
+    assert confidence.item() == 1.0 and not exit.any()
+
+
+# ---------------------------------------------------------------------------------------
+# Argument errors (raised before dispatch, so the same on every backend)
+# ---------------------------------------------------------------------------------------
+def test_integer_logits_are_rejected():
+    with pytest.raises(TypeError, match=r"^logits must have a floating dtype"):
+        exit_confidence(torch.zeros(2, 5, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("threshold", [0, -0.1, 1.5])
+def test_threshold_outside_unit_interval_is_rejected(threshold):
+    with pytest.raises(ValueError, match=r"^threshold must be in \(0, 1\]"):
+        exit_confidence(torch.zeros(2, 5), threshold)
+
+
+@pytest.mark.parametrize("shape", [(), (3, 0)])
+def test_logits_without_vocab_are_rejected(shape):
+    with pytest.raises(ValueError, match=r"^logits must be \[\.\.\., vocab\]"):
+        exit_confidence(torch.zeros(shape))
