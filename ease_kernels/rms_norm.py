@@ -414,16 +414,19 @@ def rms_norm(
         x: ``[..., hidden]`` float16, bfloat16, float32 or float64.
         weight: ``[hidden]`` floating; may be float32 while ``x`` is half precision.
         eps: added to the mean square before the reciprocal square root.
-        residual: optional tensor of ``x``'s shape and dtype. When given, ``s = x + residual``
-            is normalised and ``(y, s)`` returned (the pre-norm residual add, fused).
+        residual: optional tensor of ``x``'s shape. When given, ``s = x + residual`` is
+            normalised and ``(y, s)`` returned (the pre-norm residual add, fused). A
+            residual of another floating dtype (a float32 residual stream beside a bf16
+            branch under autocast) promotes both, as ``x + residual`` would.
 
     Returns:
-        ``y`` of ``x``'s shape and dtype, or ``(y, s)`` with ``residual``.
+        ``y`` of ``x``'s shape and dtype, or ``(y, s)`` with ``residual`` (both in the
+        promoted dtype).
 
     Raises:
         TypeError: a non-floating ``x``, ``weight`` or ``residual``.
         ValueError: ``weight`` not of shape ``[x.shape[-1]]``, ``residual`` of another
-            shape or dtype than ``x``, or ``eps`` negative.
+            shape than ``x``, or ``eps`` negative.
     """
     check_float("x", x)
     check_float("weight", weight)
@@ -436,11 +439,15 @@ def rms_norm(
         )
     if residual is not None:
         check_float("residual", residual)
-        if residual.shape != x.shape or residual.dtype != x.dtype:
+        if residual.shape != x.shape:
             raise ValueError(
-                f"residual must have the shape and dtype of x ({tuple(x.shape)}, {x.dtype}), "
-                f"got ({tuple(residual.shape)}, {residual.dtype})"
+                f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}"
             )
+        if residual.dtype != x.dtype:
+            # Mixed precision (a bf16 branch output added to a float32 residual stream under
+            # autocast): promote both, as ``x + residual`` would; the casts carry gradients back.
+            common = torch.promote_types(x.dtype, residual.dtype)
+            x, residual = x.to(common), residual.to(common)
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     if use_triton(x):

@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import KERNEL_DEVICES
 
+import ease_kernels
 from ease_kernels import rms_norm, rms_norm_reference
 
 # The module itself: ``ease_kernels.rms_norm`` as an attribute is the function it exports.
@@ -190,7 +191,9 @@ def test_reference_gradcheck(residual):
 # ---------------------------------------------------------------------------------------
 def check_triton(x, weight, r, dy, ds, device, label):
     """Run the kernels and the reference on the same inputs; each within the table, the
-    kernels no worse than twice the reference's error plus one ulp of the output dtype."""
+    kernels no worse than twice the reference's error plus four ulps of the output dtype
+    (the floor matters when the reference is nearly exact: at hidden 1 a float32 weight
+    gradient summed over rows in another order differs by a couple of ulps)."""
     result = forward_backward(rms_norm, x, weight, residual=r, dy=dy, ds=ds)
     for name in ("y", "dx", "dweight"):
         assert result[name].dtype == (weight.dtype if name == "dweight" else x.dtype), name
@@ -205,9 +208,9 @@ def check_triton(x, weight, r, dy, ds, device, label):
     reference_truth = float64_truth(x, weight, residual=r, dy=dy, ds=ds)
     reference_errors = check_against_truth(reference, reference_truth, f"reference {label}")
     for name, error in errors.items():
-        bound = 2 * reference_errors[name] + torch.finfo(result[name].dtype).eps
+        bound = 2 * reference_errors[name] + 4 * torch.finfo(result[name].dtype).eps
         assert error <= bound, (
-            f"triton {label} {name}: error {error:.3g} > 2 x reference {reference_errors[name]:.3g} + ulp"
+            f"triton {label} {name}: error {error:.3g} > 2 x reference {reference_errors[name]:.3g} + 4 ulps"
         )
     return result
 
@@ -366,5 +369,26 @@ def test_weight_of_wrong_size_is_a_value_error():
 
 
 def test_residual_of_wrong_shape_is_a_value_error():
-    with pytest.raises(ValueError, match=r"^residual must have the shape and dtype of x"):
+    with pytest.raises(ValueError, match=r"^residual must have the shape of x"):
         rms_norm(torch.ones(2, 4), torch.ones(4), residual=torch.ones(3, 4))
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+def test_residual_of_another_dtype_promotes_like_addition(backend_name):
+    """Under autocast a bf16 branch meets a float32 residual stream: s and y are float32."""
+    if backend_name == "triton" and not ease_kernels.triton_available():
+        pytest.skip("Triton is not installed")
+    device = KERNEL_DEVICES[0]
+    x = torch.randn(3, 40, device=device).to(torch.bfloat16).requires_grad_()
+    residual = torch.randn(3, 40, device=device, requires_grad=True)
+    weight = torch.randn(40, device=device)
+    with ease_kernels.backend(backend_name):
+        y, s = rms_norm(x, weight, residual=residual)
+    assert y.dtype == s.dtype == torch.float32
+    s_true = x.detach().double() + residual.detach().double()
+    assert torch.allclose(s.double(), s_true, rtol=1e-6, atol=1e-6)
+    y_true = s_true * torch.rsqrt(s_true.pow(2).mean(-1, keepdim=True) + 1e-6) * weight.double()
+    assert (y.double() - y_true).abs().max() / y_true.abs().max() < 1e-5  # float32 compute
+    (y.sum() + s.sum()).backward()
+    assert x.grad.dtype == torch.bfloat16 and residual.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad.float(), residual.grad.to(torch.bfloat16).float())

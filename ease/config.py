@@ -1,0 +1,215 @@
+"""Training options of EASE: per-layer loss weights, learning rates and exit threshold.
+
+:class:`TrainingConfig` holds the three options of the user's API (``layer_weights``,
+``layer_lr_scales``, ``routing_threshold``) and the optimiser settings around them.
+Everything that can be checked without a model is checked in ``__post_init__``; what
+needs the model's depth (layer numbers, exits below the last layer of a
+:class:`~ease.models.StandardTransformer`) is checked by
+:meth:`TrainingConfig.validate_for`. Layers are numbered from 1 to ``num_layers``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+
+def _is_int(value: object) -> bool:
+    # bool is a subclass of int, but ``{True: 1.0}`` is a mistake, never a layer number.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_layer_dict(name: str, value: object, positive: bool) -> dict[int, float] | None:
+    """A copy of a ``{layer: number}`` option with int keys >= 1 and finite float values.
+
+    ``positive`` asks for values > 0 (learning-rate scales); otherwise values >= 0.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name} must be a dict {{layer: value}} or None, got {type(value).__name__}")
+    checked: dict[int, float] = {}
+    for layer, number in value.items():
+        if not _is_int(layer) or layer < 1:
+            raise ValueError(f"{name} keys must be layer numbers (integers >= 1; layers count from 1), got {layer!r}")
+        if not _is_real(number) or not math.isfinite(number):
+            raise ValueError(f"{name}[{layer}] must be a finite number, got {number!r}")
+        if positive and not number > 0:
+            raise ValueError(f"{name}[{layer}] must be > 0, got {number!r}")
+        if not positive and number < 0:
+            raise ValueError(f"{name}[{layer}] must be >= 0, got {number!r}")
+        checked[int(layer)] = float(number)
+    return checked
+
+
+@dataclass
+class TrainingConfig:
+    """How a :class:`~ease.trainer.Trainer` trains and evaluates an early-exit decoder.
+
+    Attributes:
+        layer_weights: loss weight of each layer, ``{layer: weight}``. The training loss
+            is ``sum_l weight_l * CE_l`` with the weights used as given (not
+            renormalised); layers left out weigh 0 and compute no logits. ``None`` means
+            ``{num_layers: 1.0}``, the final layer only (Lee et al. 2015).
+        layer_lr_scales: learning-rate multiplier of each layer, ``{layer: scale}``;
+            layers left out, the embeddings, the final norm and the head use 1.0
+            (Howard & Ruder 2018).
+        routing_threshold: early-exit threshold of evaluation: a token exits at the first
+            layer whose top-1 softmax probability reaches it (BranchyNet). In (0, 1];
+            ``None`` runs every token at full depth.
+        min_exit_layer: no token exits before this layer (1-based).
+        weight_decay: AdamW decoupled weight decay on weight matrices (embeddings and
+            head included); norm weights and biases are never decayed.
+        grad_clip: maximum global gradient norm, or ``None`` for no clipping.
+        betas: AdamW ``(beta1, beta2)``.
+        seed: seed of Python, NumPy and torch, set when the trainer is built.
+        verbose: default for progress bars and per-epoch lines.
+
+    Raises:
+        ValueError: naming the field, for any value outside the ranges above.
+    """
+
+    layer_weights: dict[int, float] | None = None
+    layer_lr_scales: dict[int, float] | None = None
+    routing_threshold: float | None = None
+    min_exit_layer: int = 1
+    weight_decay: float = 0.1
+    grad_clip: float | None = 1.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    seed: int = 0
+    verbose: bool = True
+
+    def __post_init__(self) -> None:
+        self.layer_weights = _check_layer_dict("layer_weights", self.layer_weights, positive=False)
+        if self.layer_weights is not None and not any(w > 0 for w in self.layer_weights.values()):
+            raise ValueError(
+                f"layer_weights must give at least one layer a weight > 0, got {self.layer_weights}"
+            )
+        self.layer_lr_scales = _check_layer_dict("layer_lr_scales", self.layer_lr_scales, positive=True)
+        if self.routing_threshold is not None:
+            if not _is_real(self.routing_threshold) or not 0.0 < self.routing_threshold <= 1.0:
+                raise ValueError(f"routing_threshold must be in (0, 1] or None, got {self.routing_threshold!r}")
+            self.routing_threshold = float(self.routing_threshold)
+        if not _is_int(self.min_exit_layer) or self.min_exit_layer < 1:
+            raise ValueError(f"min_exit_layer must be an integer >= 1 (layers count from 1), got {self.min_exit_layer!r}")
+        if not _is_real(self.weight_decay) or not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if self.grad_clip is not None and (
+            not _is_real(self.grad_clip) or not (math.isfinite(self.grad_clip) and self.grad_clip > 0)
+        ):
+            raise ValueError(f"grad_clip must be a finite number > 0 or None, got {self.grad_clip!r}")
+        betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else None
+        if betas is None or len(betas) != 2 or not all(_is_real(b) and 0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = (float(betas[0]), float(betas[1]))
+        # The range NumPy's global seed accepts (ease.data.set_seed seeds NumPy too).
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        if not isinstance(self.verbose, bool):
+            raise ValueError(f"verbose must be True or False, got {self.verbose!r}")
+
+    # -- checks that need the model ---------------------------------------------------------
+    def validate_for(self, model: nn.Module) -> None:
+        """Check the layer options against ``model`` (its ``num_layers`` and kind).
+
+        Args:
+            model: an :class:`~ease.models.EarlyExitDecoder` (anything with
+                ``num_layers`` and ``supports_early_exit``).
+
+        Raises:
+            ValueError: a ``layer_weights`` or ``layer_lr_scales`` key outside
+                ``1..num_layers``; ``min_exit_layer > num_layers``; or a non-zero weight
+                below the last layer of a model that does not support early exit (a
+                :class:`~ease.models.StandardTransformer` is trained on its final layer
+                only, so such a weight would be a silent misconfiguration).
+        """
+        num_layers = model.num_layers
+        for name in ("layer_weights", "layer_lr_scales"):
+            for layer in getattr(self, name) or {}:
+                if layer > num_layers:
+                    raise ValueError(
+                        f"{name} has layer {layer}, but the model has num_layers={num_layers} "
+                        f"(layers count from 1 to {num_layers})"
+                    )
+        if self.min_exit_layer > num_layers:
+            raise ValueError(
+                f"min_exit_layer={self.min_exit_layer} exceeds the model's num_layers={num_layers}"
+            )
+        if not getattr(model, "supports_early_exit", True):
+            below = {l: w for l, w in (self.layer_weights or {}).items() if l < num_layers and w != 0}
+            if below:
+                raise ValueError(
+                    f"layer_weights gives weight to layers {sorted(below)} below the last layer "
+                    f"({num_layers}) of {type(model).__name__}, which is trained on its final layer "
+                    f"only; use create_standard_config({num_layers}) or a DeepSupervisionTransformer"
+                )
+
+    def weights_for(self, model: nn.Module) -> dict[int, float]:
+        """The loss weight of every layer of ``model``, after :meth:`validate_for`.
+
+        Returns:
+            ``{layer: weight}`` for each layer ``1..num_layers``; layers left out of
+            ``layer_weights`` weigh 0, and ``layer_weights=None`` gives
+            ``{num_layers: 1.0}`` with 0 elsewhere.
+        """
+        self.validate_for(model)
+        num_layers = model.num_layers
+        given = self.layer_weights if self.layer_weights is not None else {num_layers: 1.0}
+        return {layer: given.get(layer, 0.0) for layer in range(1, num_layers + 1)}
+
+    def lr_scale(self, layer: int) -> float:
+        """The learning-rate multiplier of ``layer`` (1.0 when not listed)."""
+        return (self.layer_lr_scales or {}).get(layer, 1.0)
+
+
+def _check_num_layers(num_layers: object) -> int:
+    if not _is_int(num_layers) or num_layers < 1:
+        raise ValueError(f"num_layers must be an integer >= 1, got {num_layers!r}")
+    return int(num_layers)
+
+
+def create_standard_config(num_layers: int, **kwargs: Any) -> TrainingConfig:
+    """Final-layer-only training: ``layer_weights={1: 0, ..., num_layers - 1: 0, num_layers: 1}``.
+
+    Args:
+        num_layers: depth of the model.
+        **kwargs: any other :class:`TrainingConfig` field.
+
+    Raises:
+        ValueError: ``num_layers`` is not an integer >= 1.
+        TypeError: ``layer_weights`` passed in ``kwargs`` (this helper sets it).
+    """
+    num_layers = _check_num_layers(num_layers)
+    if "layer_weights" in kwargs:
+        raise TypeError("create_standard_config sets layer_weights itself; build a TrainingConfig instead")
+    weights = {layer: 0.0 for layer in range(1, num_layers)}
+    weights[num_layers] = 1.0
+    return TrainingConfig(layer_weights=weights, **kwargs)
+
+
+def create_deep_supervision_config(num_layers: int, **kwargs: Any) -> TrainingConfig:
+    """Deep supervision with equal weights: ``layer_weights={l: 1 / num_layers}`` for every layer.
+
+    Args:
+        num_layers: depth of the model.
+        **kwargs: any other :class:`TrainingConfig` field.
+
+    Raises:
+        ValueError: ``num_layers`` is not an integer >= 1.
+        TypeError: ``layer_weights`` passed in ``kwargs`` (this helper sets it).
+    """
+    num_layers = _check_num_layers(num_layers)
+    if "layer_weights" in kwargs:
+        raise TypeError(
+            "create_deep_supervision_config sets layer_weights itself; build a TrainingConfig instead"
+        )
+    return TrainingConfig(layer_weights={layer: 1 / num_layers for layer in range(1, num_layers + 1)}, **kwargs)
