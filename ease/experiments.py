@@ -1,0 +1,283 @@
+"""The comparison EASE exists for, on the built-in corpus: ``python -m ease.experiments``.
+
+Three runs with early stopping, same data, same seed, same model size:
+
+- ``standard``: :class:`StandardTransformer`, loss on the last layer only;
+- ``deep_supervision``: :class:`DeepSupervisionTransformer`, uniform layer weights;
+- ``asymmetric``: the SPEC's example, ``layer_weights={1: 0.7, 2: 0, 3: 0.3}``,
+  ``layer_lr_scales={1: 1.0, 2: 0.5, 3: 0.1}``, ``routing_threshold=0.95``.
+
+Then a routing-threshold sweep for the deep-supervision models. Writes
+``results.json``, ``results.md``, ``loss_curves.png``, ``exit_tradeoff.png`` and each
+trained model (``save_pretrained`` plus ``tokenizer.json``) to the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ease._io import atomic_path, atomic_write_text
+from ease.config import TrainingConfig, create_deep_supervision_config, create_standard_config
+from ease.data import load_data, set_seed, unigram_baseline
+from ease.models import DeepSupervisionTransformer, EarlyExitDecoder, StandardTransformer
+from ease.trainer import Trainer
+
+DEFAULT_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+@dataclass
+class ExperimentSettings:
+    """Knobs of one comparison run (the command-line flags)."""
+
+    text: str | None = None
+    out: str = "runs/experiments"
+    vocab_size: int = 1000
+    dim: int = 128
+    num_layers: int = 3
+    seq_len: int = 64
+    batch_size: int = 32
+    lr: float = 3e-3
+    max_epochs: int = 6
+    patience: int = 1
+    threshold: float = 0.95
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    seed: int = 0
+    verbose: bool = True
+
+
+def asymmetric_options(num_layers: int) -> tuple[dict[int, float], dict[int, float]]:
+    """The SPEC's asymmetric example, ``{1: 0.7, 2: 0, 3: 0.3}`` / ``{1: 1.0, 2: 0.5, 3: 0.1}``.
+
+    For other depths it generalises the same shape: weight 0.7 on the first layer and 0.3
+    on the last, none between; learning-rate scales falling linearly from 1.0 to 0.1.
+    """
+    if num_layers == 3:
+        return {1: 0.7, 2: 0.0, 3: 0.3}, {1: 1.0, 2: 0.5, 3: 0.1}
+    if num_layers < 2:
+        raise ValueError(f"the asymmetric run needs num_layers >= 2, got {num_layers}")
+    weights = {layer: 0.0 for layer in range(1, num_layers + 1)}
+    weights[1], weights[num_layers] = 0.7, 0.3
+    scales = {layer: round(1.0 - 0.9 * (layer - 1) / (num_layers - 1), 4) for layer in weights}
+    return weights, scales
+
+
+def build_runs(settings: ExperimentSettings) -> list[tuple[str, type[EarlyExitDecoder], TrainingConfig]]:
+    """The three (name, model class, config) triples of the comparison."""
+    layers, verbose = settings.num_layers, settings.verbose
+    weights, scales = asymmetric_options(layers)
+    return [
+        ("standard", StandardTransformer, create_standard_config(layers, seed=settings.seed, verbose=verbose)),
+        (
+            "deep_supervision",
+            DeepSupervisionTransformer,
+            create_deep_supervision_config(
+                layers, routing_threshold=settings.threshold, seed=settings.seed, verbose=verbose
+            ),
+        ),
+        (
+            "asymmetric",
+            DeepSupervisionTransformer,
+            TrainingConfig(
+                layer_weights=weights,
+                layer_lr_scales=scales,
+                routing_threshold=settings.threshold,
+                seed=settings.seed,
+                verbose=verbose,
+            ),
+        ),
+    ]
+
+
+def run_experiments(settings: ExperimentSettings) -> dict:
+    """Train and evaluate every run, write the output folder, and return the results."""
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_data(
+        settings.text, vocab_size=settings.vocab_size, seq_len=settings.seq_len,
+        batch_size=settings.batch_size, seed=settings.seed,
+    )
+    data.tokenizer.save(str(out / "tokenizer.json"))
+    baseline = unigram_baseline(data.train_ids, data.val_ids, data.vocab_size)
+    results = {
+        "settings": asdict(settings),
+        "data": {"train_tokens": data.train_tokens, "val_tokens": data.val_tokens, "vocab_size": data.vocab_size},
+        "unigram_baseline": baseline,
+        "runs": {},
+    }
+    for name, model_cls, config in build_runs(settings):
+        if settings.verbose:
+            print(f"\n== {name} ==", flush=True)
+        set_seed(settings.seed)
+        model = model_cls(data.vocab_size, settings.dim, settings.num_layers, max_seq_len=settings.seq_len)
+        trainer = Trainer(config, vocab_size=data.vocab_size)
+        optimizer = trainer.create_optimizer(model, base_lr=settings.lr)
+        start = time.perf_counter()
+        stopping = trainer.train_with_early_stopping(
+            model=model, train_batches=data.train_batches, val_batches=data.val_batches,
+            optimizer=optimizer, max_epochs=settings.max_epochs, patience=settings.patience,
+            verbose=settings.verbose,
+        )
+        seconds = time.perf_counter() - start
+        stats = trainer.evaluate(model, data.val_batches)
+        sweep = []
+        if model.supports_early_exit:
+            for threshold in settings.thresholds:
+                exit_stats = trainer.evaluate(model, data.val_batches, routing_threshold=threshold)["early_exit"]
+                sweep.append({key: exit_stats[key] for key in ("threshold", "accuracy", "mean_exit_layer", "compute_saved")})
+        model.save_pretrained(out / "models" / name)
+        data.tokenizer.save(str(out / "models" / name / "tokenizer.json"))
+        results["runs"][name] = {
+            "model_class": model_cls.__name__,
+            "layer_weights": {str(k): v for k, v in (config.layer_weights or {}).items()},
+            "layer_lr_scales": {str(k): v for k, v in (config.layer_lr_scales or {}).items()},
+            "train_seconds": seconds,
+            "early_stopping": stopping.as_dict(),
+            "evaluation": _jsonable(stats),
+            "threshold_sweep": sweep,
+        }
+    table = results_table(results)
+    results["table"] = table
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    atomic_write_text(out / "results.md", table)
+    plot_results(results, out)
+    return results
+
+
+def _jsonable(value):
+    """Dict keys as strings (JSON has no integer keys), recursively."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def results_table(results: dict) -> str:
+    """Markdown: one row per run plus the unigram baseline, then the threshold sweeps."""
+    base = results["unigram_baseline"]
+    lines = [
+        "| run | val loss | PPL | final-layer acc | early-exit acc | mean exit layer | compute saved | epochs | train time |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| unigram baseline | {base['loss']:.3f} | {base['ppl']:.1f} | {base['accuracy']:.3f} | | | | | |",
+    ]
+    for name, run in results["runs"].items():
+        ev, stop = run["evaluation"], run["early_stopping"]
+        exit_stats = ev.get("early_exit")
+        exit_cells = (
+            f"{exit_stats['accuracy']:.3f} (τ={exit_stats['threshold']:g}) | {exit_stats['mean_exit_layer']:.2f} | "
+            f"{exit_stats['compute_saved']:.1%}"
+            if exit_stats else "n/a | n/a | n/a"
+        )
+        lines.append(
+            f"| {name} | {ev['loss']:.3f} | {ev['ppl']:.1f} | {ev['accuracy']:.3f} | {exit_cells} | "
+            f"{stop['epochs_run']} (best {stop['best_epoch']}) | {run['train_seconds']:.0f} s |"
+        )
+    for name, run in results["runs"].items():
+        if not run["threshold_sweep"]:
+            continue
+        per_layer = run["evaluation"].get("layers", {})
+        layer_acc = ", ".join(f"L{k}: {v['accuracy']:.3f}" for k, v in per_layer.items())
+        lines += [
+            "", f"Threshold sweep, {name} (per-layer accuracy {layer_acc}):", "",
+            "| threshold | accuracy | mean exit layer | compute saved |", "| ---: | ---: | ---: | ---: |",
+        ]
+        lines += [
+            f"| {row['threshold']:g} | {row['accuracy']:.3f} | {row['mean_exit_layer']:.2f} | {row['compute_saved']:.1%} |"
+            for row in run["threshold_sweep"]
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(results: dict, out: Path) -> list[Path]:
+    """Loss curves and accuracy against mean layers used; nothing when matplotlib is absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping plots (pip install 'ease[plots]')")
+        return []
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, run in results["runs"].items():
+        history = run["early_stopping"]["history"]
+        epochs = [h["epoch"] for h in history]
+        line, = ax.plot(epochs, [h["train_loss"] for h in history], "--", label=f"{name} train (objective)")
+        ax.plot(epochs, [h["val"]["loss"] for h in history], "-", color=line.get_color(), label=f"{name} val (final layer)")
+    ax.axhline(results["unigram_baseline"]["loss"], color="grey", lw=0.8, label="unigram baseline")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(_save_figure(fig, out / "loss_curves.png"))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    num_layers = results["settings"]["num_layers"]
+    for name, run in results["runs"].items():
+        if run["threshold_sweep"]:
+            sweep = run["threshold_sweep"]
+            ax.plot([r["mean_exit_layer"] for r in sweep], [r["accuracy"] for r in sweep], "o-", label=name)
+        else:
+            ax.plot([num_layers], [run["evaluation"]["accuracy"]], "s", label=f"{name} (full depth)")
+    ax.set_xlabel("mean layers used per token")
+    ax.set_ylabel("next-token accuracy")
+    ax.set_title("early exit: accuracy against computation (threshold sweep)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(_save_figure(fig, out / "exit_tradeoff.png"))
+    plt.close(fig)
+    return written
+
+
+def _save_figure(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    return path
+
+
+def parse_args(argv: list[str] | None = None) -> ExperimentSettings:
+    """Command-line flags -> :class:`ExperimentSettings`."""
+    defaults = ExperimentSettings()
+    parser = argparse.ArgumentParser(prog="python -m ease.experiments", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--text", default=None, help="a UTF-8 text file to use instead of the built-in corpus")
+    parser.add_argument("--out", default=defaults.out, help="output folder (default: %(default)s)")
+    for flag, kind in (
+        ("vocab_size", int), ("dim", int), ("num_layers", int), ("seq_len", int), ("batch_size", int),
+        ("lr", float), ("max_epochs", int), ("patience", int), ("threshold", float), ("seed", int),
+    ):
+        parser.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=getattr(defaults, flag),
+                            help="default: %(default)s")
+    parser.add_argument("--thresholds", default=",".join(map(str, defaults.thresholds)),
+                        help="comma-separated routing thresholds for the sweep")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    args = parser.parse_args(argv)
+    try:
+        thresholds = tuple(float(t) for t in args.thresholds.split(",") if t.strip())
+    except ValueError:
+        parser.error(f"--thresholds must be comma-separated numbers, got {args.thresholds!r}")
+    values = {k: v for k, v in vars(args).items() if k not in ("thresholds", "quiet")}
+    return ExperimentSettings(**values, thresholds=thresholds, verbose=not args.quiet)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Entry point of ``python -m ease.experiments`` and the ``ease-experiments`` script."""
+    settings = parse_args(argv)
+    results = run_experiments(settings)
+    print()
+    print(results["table"])
+    print(f"wrote {Path(settings.out).resolve()}/ (results.json, results.md, loss_curves.png, exit_tradeoff.png, models/)")
+    best = min(run["evaluation"]["loss"] for run in results["runs"].values())
+    if not best < results["unigram_baseline"]["loss"] - math.log(1.5):
+        print("warning: no run beat the unigram baseline by a clear margin (1.5x in PPL)")
+    return results
+
+
+if __name__ == "__main__":
+    main()
