@@ -12,10 +12,10 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -23,6 +23,9 @@ from torch import nn
 import ease_kernels
 from ease._io import atomic_path, atomic_write_text
 from ease.modules import RMSNorm, TransformerBlock
+
+if TYPE_CHECKING:
+    from ease.generation import GenerationOutput
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -190,7 +193,8 @@ class EarlyExitDecoder(nn.Module):
         Blocks deeper than the deepest requested layer are not run.
         """
         layers = self.check_layers(layers)
-        self.check_input_ids(input_ids)
+        if not torch.compiler.is_compiling():  # the range check reads values: a graph break
+            self.check_input_ids(input_ids)
         seq = input_ids.shape[1]
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         x = self.embed_dropout(self.embed(input_ids))  # (B, T, dim)
@@ -219,6 +223,33 @@ class EarlyExitDecoder(nn.Module):
         """
         layers = self.default_exit_layers() if exit_layers is None else exit_layers
         return {layer: self.exit_head(h) for layer, h in self.hidden_states(input_ids, layers).items()}
+
+    # -- generation -----------------------------------------------------------------------
+    def generate(
+        self,
+        input_ids: torch.Tensor | Sequence[Sequence[int] | torch.Tensor] | Sequence[int],
+        max_new_tokens: int,
+        routing_threshold: float | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        **kwargs: Any,
+    ) -> "GenerationOutput":
+        """Generate tokens with a KV cache; full depth, early exit or self-speculative.
+
+        ``routing_threshold`` (in (0, 1]) exits each token at the first layer
+        ``>= min_exit_layer`` whose exit-head confidence reaches it and skips the deeper
+        blocks; ``draft_layers=E`` decodes self-speculatively (lossless). Keyword options
+        (``min_exit_layer``, ``draft_layers``, ``num_draft_tokens``, ``draft_threshold``,
+        ``attention_mask``, ``seed``, ``generator``, ``pad_token_id``) and errors: see
+        :func:`ease.generation.generate`.
+
+        Returns:
+            :class:`ease.generation.GenerationOutput`: ``tokens``, ``new_tokens``,
+            ``exit_layers`` (per new token) and ``mean_exit_layer``.
+        """
+        from ease.generation import generate
+
+        return generate(self, input_ids, max_new_tokens, routing_threshold, temperature, top_k, **kwargs)
 
     # -- persistence ----------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
