@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import ease_kernels
+from conftest import KERNEL_DEVICE
 from ease import DeepSupervisionTransformer, ModelConfig, StandardTransformer, load_model
 
 
@@ -124,8 +125,8 @@ def test_input_errors():
 
 def test_model_gradients_match_between_triton_and_reference(triton_backend):
     """End to end: a model calling all three ops, kernels (interpreter) against reference."""
-    model = tiny(num_kv_heads=2, dim=48, num_heads=4, vocab_size=61)
-    ids = torch.randint(0, 61, (2, 9))
+    model = tiny(num_kv_heads=2, dim=48, num_heads=4, vocab_size=61).to(KERNEL_DEVICE)
+    ids = torch.randint(0, 61, (2, 9), device=KERNEL_DEVICE)
 
     def run(backend_name):
         model.zero_grad()

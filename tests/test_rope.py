@@ -253,9 +253,10 @@ def test_kernel_empty_input(triton_backend, device, shape):
     assert q.grad.shape == q.shape
 
 
-def test_kernel_rejects_head_dim_above_cap(triton_backend):
-    q = torch.zeros(1, 1, 1, 8194)
-    cos = torch.zeros(1, 4097)
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_rejects_head_dim_above_cap(triton_backend, device):
+    q = torch.zeros(1, 1, 1, 8194, device=device)
+    cos = torch.zeros(1, 4097, device=device)
     with pytest.raises(ValueError, match="head_dim must be at most"):
         apply_rope(q, q, cos, cos)
 
