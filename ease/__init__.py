@@ -6,6 +6,7 @@ Two decoders (:class:`StandardTransformer`, :class:`DeepSupervisionTransformer`)
 threshold (``routing_threshold``), on the kernels of :mod:`ease_kernels`.
 """
 
+from ease.config import TrainingConfig, create_deep_supervision_config, create_standard_config
 from ease.models import (
     DeepSupervisionTransformer,
     EarlyExitDecoder,
@@ -13,6 +14,10 @@ from ease.models import (
     StandardTransformer,
     load_model,
 )
+from ease.hf_llama import from_hf_llama, to_hf_llama
+from ease.trainer import IGNORE_INDEX, EarlyStoppingResult, Trainer
+from ease.calibration import CalibrationResult, calibrate_threshold
+from ease.generation import GenerationOutput, KVCache
 
 __all__ = [
     "DeepSupervisionTransformer",
@@ -20,4 +25,16 @@ __all__ = [
     "ModelConfig",
     "StandardTransformer",
     "load_model",
+    "from_hf_llama",
+    "to_hf_llama",
+    "IGNORE_INDEX",
+    "EarlyStoppingResult",
+    "Trainer",
+    "TrainingConfig",
+    "create_deep_supervision_config",
+    "create_standard_config",
+    "CalibrationResult",
+    "calibrate_threshold",
+    "GenerationOutput",
+    "KVCache",
 ]

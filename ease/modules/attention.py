@@ -48,11 +48,14 @@ class Attention(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
+        is_causal: bool = True,
     ) -> torch.Tensor:
         """SDPA over ``(B, T, heads, head_dim)`` inputs, then the output projection.
 
         Causal unless ``attn_mask`` (boolean, True = attend, broadcastable to
-        ``(B, heads, Tq, Tk)``) is given.
+        ``(B, heads, Tq, Tk)``) is given. ``is_causal=False`` without a mask lets every
+        query see every key: a one-token decode step over a cache sliced to the keys it
+        may see needs no mask.
         """
         batch, seq = q.shape[:2]
         out = F.scaled_dot_product_attention(
@@ -61,7 +64,7 @@ class Attention(nn.Module):
             v.transpose(1, 2),
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=attn_mask is None,
+            is_causal=attn_mask is None and is_causal,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
         return self.out_proj(out.transpose(1, 2).reshape(batch, seq, -1))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -36,5 +38,36 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """``x`` ``(B, T, dim)`` -> ``(B, T, dim)``."""
         attn_out = self.residual_dropout(self.attention(self.attention_norm(x), cos, sin))
+        normed, h = self.ffn_norm(attn_out, residual=x)
+        return h + self.ffn(normed)
+
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache_kv: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        """:meth:`forward` for decoding with a key/value cache.
+
+        Args:
+            x: ``(B, T, dim)`` hidden states of the new positions only.
+            cos, sin: RoPE tables of those positions, ``(T, head_dim // 2)`` or
+                ``(B, T, head_dim // 2)``.
+            cache_kv: called once with the new keys and values ``(B, T, kv_heads,
+                head_dim)``; stores them and returns every key and value the new
+                positions may attend to, ``(B, S, kv_heads, head_dim)``.
+            attn_mask, is_causal: as for :meth:`Attention.attend`, over those ``S`` keys.
+
+        Returns:
+            ``(B, T, dim)``.
+        """
+        q, k, v = self.attention.project_qkv(self.attention_norm(x), cos, sin)
+        keys, values = cache_kv(k, v)
+        attn_out = self.attention.attend(q, keys, values, attn_mask, is_causal)
+        if self.training:  # dropout is the identity in eval; decoding steps skip the call
+            attn_out = self.residual_dropout(attn_out)
         normed, h = self.ffn_norm(attn_out, residual=x)
         return h + self.ffn(normed)
