@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
+
+
+# ease.distributed.DISTRIBUTED_MODES, repeated so that the config imports no torch.distributed.
+_DISTRIBUTED_MODES = ("auto", "ddp", "fsdp", "none")
 
 
 def _is_int(value: object) -> bool:
@@ -73,6 +78,24 @@ class TrainingConfig:
         betas: AdamW ``(beta1, beta2)``.
         seed: seed of Python, NumPy and torch, set when the trainer is built.
         verbose: default for progress bars and per-epoch lines.
+        fused_loss: for models that support early exit (deep supervision), compute the
+            training loss with :func:`ease_kernels.exit_head_loss`, which walks the tokens
+            in chunks so that at most one chunk of logits exists instead of every
+            supervised layer's; same loss and gradients. ``False``: the plain per-layer
+            logits. Models trained on their final layer only always take the plain path.
+        distributed: how a ``torchrun`` launch is used: ``"auto"`` (DDP under torchrun,
+            one process otherwise), ``"ddp"``, ``"fsdp"`` (FSDP2 ``fully_shard``) or
+            ``"none"`` (every process trains alone). Batches are global batches: under
+            torchrun each rank takes its own rows, so results do not depend on the number
+            of ranks. See :mod:`ease.distributed`.
+        grad_accumulation_steps: split each batch into this many micro-batches, run
+            forward and backward on each and step once; the loss is still normalised by
+            the whole batch's token count, so only memory changes, not the result.
+        checkpoint_dir: when set, :meth:`~ease.trainer.Trainer.train_with_early_stopping`
+            writes ``checkpoint_dir/last.pt`` atomically after every epoch (model,
+            optimiser, epoch and step, early-stopping state, every RNG state).
+        resume: when True and ``checkpoint_dir/last.pt`` exists,
+            ``train_with_early_stopping`` resumes from it instead of starting over.
 
     Raises:
         ValueError: naming the field, for any value outside the ranges above.
@@ -87,6 +110,11 @@ class TrainingConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     seed: int = 0
     verbose: bool = True
+    fused_loss: bool = True
+    distributed: str = "auto"
+    grad_accumulation_steps: int = 1
+    checkpoint_dir: str | None = None
+    resume: bool = False
 
     def __post_init__(self) -> None:
         self.layer_weights = _check_layer_dict("layer_weights", self.layer_weights, positive=False)
@@ -116,6 +144,22 @@ class TrainingConfig:
             raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if not isinstance(self.verbose, bool):
             raise ValueError(f"verbose must be True or False, got {self.verbose!r}")
+        if not isinstance(self.fused_loss, bool):
+            raise ValueError(f"fused_loss must be True or False, got {self.fused_loss!r}")
+        if self.distributed not in _DISTRIBUTED_MODES:
+            raise ValueError(f"distributed must be one of {_DISTRIBUTED_MODES}, got {self.distributed!r}")
+        if not _is_int(self.grad_accumulation_steps) or self.grad_accumulation_steps < 1:
+            raise ValueError(
+                f"grad_accumulation_steps must be an integer >= 1, got {self.grad_accumulation_steps!r}"
+            )
+        if self.checkpoint_dir is not None:
+            if not isinstance(self.checkpoint_dir, (str, os.PathLike)) or not str(self.checkpoint_dir):
+                raise ValueError(f"checkpoint_dir must be a non-empty path or None, got {self.checkpoint_dir!r}")
+            self.checkpoint_dir = os.fspath(self.checkpoint_dir)
+        if not isinstance(self.resume, bool):
+            raise ValueError(f"resume must be True or False, got {self.resume!r}")
+        if self.resume and self.checkpoint_dir is None:
+            raise ValueError("resume=True needs a checkpoint_dir to resume from")
 
     # -- checks that need the model ---------------------------------------------------------
     def validate_for(self, model: nn.Module) -> None:

@@ -209,7 +209,8 @@ class ExitLayerSpy:
 
 
 def test_zero_weight_layers_compute_no_logits() -> None:
-    trainer = Trainer(quiet(TrainingConfig(layer_weights={1: 0.7, 2: 0, 3: 0.3})), VOCAB)
+    # The plain loss: the model's forward is asked for the weighted layers' logits only.
+    trainer = Trainer(quiet(TrainingConfig(layer_weights={1: 0.7, 2: 0, 3: 0.3}, fused_loss=False)), VOCAB)
     model = tiny_model()
     spy = ExitLayerSpy(model)
     batch = random_batches(1)[0]
@@ -221,6 +222,78 @@ def test_zero_weight_layers_compute_no_logits() -> None:
     trainer.train_epoch(model, random_batches(3), optimizer)
     assert spy.exit_layers[1:] == [[1, 3]] * 3
     assert spy.head_calls == 2 + 2 * 3
+
+
+class HiddenStateSpy:
+    """Records the layers of every ``hidden_states`` call and what ``exit_head_loss`` gets."""
+
+    def __init__(self, model: torch.nn.Module, monkeypatch) -> None:
+        self.layers: list[list[int]] = []
+        self.fused_calls: list[tuple[int, list[float]]] = []  # (number of hidden states, weights)
+        self.head_calls = 0
+        hidden_states = model.hidden_states
+        fused = ease_kernels.exit_head_loss
+
+        def recording_hidden_states(input_ids, layers):
+            self.layers.append(list(layers))
+            return hidden_states(input_ids, layers)
+
+        def recording_fused(hidden, norm_weight, head_weight, targets, layer_weights, eps, **kwargs):
+            self.fused_calls.append((len(hidden), list(layer_weights)))
+            return fused(hidden, norm_weight, head_weight, targets, layer_weights, eps, **kwargs)
+
+        model.hidden_states = recording_hidden_states
+        monkeypatch.setattr(ease_kernels, "exit_head_loss", recording_fused)
+        model.lm_head.register_forward_hook(self._count)
+
+    def _count(self, module, args, output) -> None:
+        self.head_calls += 1
+
+
+def test_zero_weight_layers_compute_nothing_in_the_fused_loss(monkeypatch) -> None:
+    # The fused loss (the default): hidden states and exit-head losses of the weighted
+    # layers only, and no full logits through the lm_head module at all.
+    trainer = Trainer(quiet(TrainingConfig(layer_weights={1: 0.7, 2: 0, 3: 0.3})), VOCAB)
+    model = tiny_model()
+    spy = HiddenStateSpy(model, monkeypatch)
+    batch = random_batches(1)[0]
+    loss, per_layer = trainer.compute_loss(model, batch[:, :-1], batch[:, 1:])
+    assert spy.layers == [[1, 3]]
+    assert spy.fused_calls == [(2, [0.7, 0.3])]
+    assert spy.head_calls == 0
+    assert set(per_layer) == {1, 3}
+
+    optimizer = trainer.create_optimizer(model, base_lr=1e-3)
+    trainer.train_epoch(model, random_batches(3), optimizer)
+    assert spy.layers[1:] == [[1, 3]] * 3
+    assert spy.fused_calls[1:] == [(2, [0.7, 0.3])] * 3
+    assert spy.head_calls == 0
+
+
+@pytest.mark.parametrize("fused_loss", [False, True], ids=["plain", "fused"])
+def test_fused_and_plain_loss_agree(fused_loss: bool) -> None:
+    """compute_loss gives the hand-computed weighted sum and its gradient on both paths."""
+    config = quiet(TrainingConfig(layer_weights={1: 0.7, 2: 0, 3: 0.3}, fused_loss=fused_loss))
+    trainer = Trainer(config, VOCAB)
+    model = tiny_model()
+    batch = random_batches(1)[0]
+    inputs, targets = batch[:, :-1], batch[:, 1:].clone()
+    targets[0, :5] = IGNORE_INDEX
+    loss, per_layer = trainer.compute_loss(model, inputs, targets)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    logits = model(inputs, exit_layers=[1, 3])
+    ces = {layer: F.cross_entropy(logits[layer].reshape(-1, VOCAB), targets.reshape(-1)) for layer in (1, 3)}
+    (0.7 * ces[1] + 0.3 * ces[3]).backward()
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(0.7 * ces[1].item() + 0.3 * ces[3].item(), rel=REL)
+    for layer in (1, 3):
+        assert per_layer[layer].item() == pytest.approx(ces[layer].item(), rel=REL)
+    for name, p in model.named_parameters():
+        # float32 both ways; relative to the largest entry, as everywhere in the kernels' tests.
+        error = (grads[name] - p.grad).abs().max() / p.grad.abs().max().clamp_min(1e-30)
+        assert error <= 1e-4, f"{name}: relative error {float(error):.3g}"
 
 
 def test_final_layer_only_runs_one_head() -> None:
@@ -347,22 +420,25 @@ def test_train_epoch_rejects_empty_and_exhausted_iterables() -> None:
         trainer.train_epoch(model, [(torch.zeros(2, 8, dtype=torch.long), ignored)], optimizer)
 
 
+@pytest.mark.parametrize("fused_loss", [False, True], ids=["plain", "fused"])
 @pytest.mark.parametrize("bad_step", [1, 2])
-def test_non_finite_loss_names_step_and_layer(bad_step: int) -> None:
-    trainer = Trainer(quiet(create_deep_supervision_config(LAYERS)), VOCAB)
+def test_non_finite_loss_names_step_and_layer(bad_step: int, fused_loss: bool) -> None:
+    trainer = Trainer(quiet(create_deep_supervision_config(LAYERS, fused_loss=fused_loss)), VOCAB)
     model = tiny_model()
     optimizer = trainer.create_optimizer(model, base_lr=1e-3)
-    forward = model.forward
+    # The plain loss takes logits from forward, the fused one hidden states: poison layer 2's.
+    name = "hidden_states" if fused_loss else "forward"
+    original = getattr(model, name)
     calls = {"n": 0}
 
-    def poisoned(input_ids, exit_layers=None):
+    def poisoned(input_ids, *args, **kwargs):
         calls["n"] += 1
-        logits = forward(input_ids, exit_layers=exit_layers)
+        outputs = original(input_ids, *args, **kwargs)
         if calls["n"] == bad_step:
-            logits[2] = logits[2] * math.nan
-        return logits
+            outputs[2] = outputs[2] * math.nan
+        return outputs
 
-    model.forward = poisoned
+    setattr(model, name, poisoned)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(FloatingPointError, match=rf"non-finite training loss nan at step {bad_step}: layer 2 cross-entropy is nan"):
         trainer.train_epoch(model, random_batches(3), optimizer)
