@@ -72,6 +72,38 @@ def exit_confidence_reference(logits: torch.Tensor, threshold: float | None = No
 #
 # One program owns one row. Grid: (rows,).
 @jit
+def _online_softmax_row(
+    Row,  # pointer to one row of logits, unit stride; fp16, bf16 or fp32
+    vocab,  # V, the row length
+    BLOCK_V: tl.constexpr,  # lanes per block (power of two); the loop covers all of V
+):
+    """One pass over a row: ``(M, sum exp(z - M), first argmax)``, M the row's maximum.
+
+    ``M`` is returned as its finite stand-in (0 for a row of only -inf), so that
+    ``M + log(sum)`` is the log-sum-exp; shared by every kernel that needs a softmax's
+    normaliser and argmax without a second read of the row.
+    """
+    lanes = tl.arange(0, BLOCK_V)
+    m = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_V], dtype=tl.float32)
+    a = lanes
+    for start in range(0, vocab, BLOCK_V):
+        offs = start + lanes
+        z = tl.load(Row + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
+        a = tl.where(z > m, offs, a)
+        m_new = tl.maximum(m, z)
+        # While m_new is -inf, s stays 0: exp(-inf - 0) = 0 for both terms.
+        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+        s = s * tl.exp(m - m_ref) + tl.exp(z - m_ref)
+        m = m_new
+    m_max = tl.max(m, axis=0)
+    m_max_ref = tl.where(m_max > float("-inf"), m_max, 0.0)
+    total = tl.sum(s * tl.exp(m - m_max_ref), axis=0)
+    prediction = tl.min(tl.where(m == m_max, a, vocab), axis=0)
+    return m_max_ref, total, prediction
+
+
+@jit
 def _exit_confidence_fwd_kernel(
     Logits,  # [rows, vocab] rows at stride_row, vocab contiguous; fp16, bf16 or fp32
     Confidence,  # [rows] float32 output
@@ -84,24 +116,7 @@ def _exit_confidence_fwd_kernel(
 ):
     # int64 so that row * stride_row cannot overflow for large batches of large vocabularies.
     row = tl.program_id(0).to(tl.int64)
-    row_start = Logits + row * stride_row
-    lanes = tl.arange(0, BLOCK_V)
-    m = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK_V], dtype=tl.float32)
-    a = lanes
-    for start in range(0, vocab, BLOCK_V):
-        offs = start + lanes
-        z = tl.load(row_start + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
-        a = tl.where(z > m, offs, a)
-        m_new = tl.maximum(m, z)
-        # While m_new is -inf, s stays 0: exp(-inf - 0) = 0 for both terms.
-        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
-        s = s * tl.exp(m - m_ref) + tl.exp(z - m_ref)
-        m = m_new
-    m_max = tl.max(m, axis=0)
-    m_max_ref = tl.where(m_max > float("-inf"), m_max, 0.0)
-    total = tl.sum(s * tl.exp(m - m_max_ref), axis=0)
-    prediction = tl.min(tl.where(m == m_max, a, vocab), axis=0)
+    _, total, prediction = _online_softmax_row(Logits + row * stride_row, vocab, BLOCK_V)
     # total >= 1 whenever the row has a finite maximum; 0 means all -inf: NaN, not 1/0.
     confidence = 1.0 / tl.where(total > 0.0, total, float("nan"))
     tl.store(Confidence + row, confidence)

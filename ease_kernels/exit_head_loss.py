@@ -34,7 +34,7 @@ from torch.autograd.function import once_differentiable
 from ease_kernels._launch import jit, row_block, tl
 from ease_kernels._validation import check_float, check_tensor, check_threshold
 from ease_kernels.dispatch import use_triton
-from ease_kernels.exit_confidence import ExitDecision, exit_confidence
+from ease_kernels.exit_confidence import ExitDecision, _online_softmax_row, exit_confidence
 from ease_kernels.rms_norm import rms_norm, rms_norm_bwd, rms_norm_fwd
 
 IGNORE_INDEX = -100
@@ -165,36 +165,21 @@ def _cross_entropy_fwd_bwd_fused(
 ):
     """One program owns one row. Grid: ``(rows,)``.
 
-    The online max and sum are those of the exit-confidence kernel: lane ``l`` keeps the
-    running max ``m_l`` and ``s_l = sum exp(z - m_l)`` (rescaled when ``m_l`` grows) and
-    the index of the first ``z`` that reached ``m_l``; the lanes are combined at the end.
-    Exponents are taken against a finite stand-in for ``-inf``, so no ``inf - inf`` forms.
+    The log-sum-exp and argmax come from one pass of the exit-confidence kernel's online
+    softmax (``_online_softmax_row``); a second pass writes the gradient over the logits.
     """
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride_row can pass 2 ** 31
     Logits += row * stride_row
     target = tl.load(Targets + row)
     valid = target != ignore_index
-    lanes = tl.arange(0, BLOCK_V)
-    m = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK_V], dtype=tl.float32)
-    a = lanes
-    for start in range(0, vocab, BLOCK_V):
-        offs = start + lanes
-        z = tl.load(Logits + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
-        a = tl.where(z > m, offs, a)
-        m_new = tl.maximum(m, z)
-        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
-        s = s * tl.exp(m - m_ref) + tl.exp(z - m_ref)
-        m = m_new
-    m_max = tl.max(m, axis=0)
-    m_max_ref = tl.where(m_max > float("-inf"), m_max, 0.0)
-    lse = m_max_ref + tl.log(tl.sum(s * tl.exp(m - m_max_ref), axis=0))
-    prediction = tl.min(tl.where(m == m_max, a, vocab), axis=0)
+    m_max_ref, total, prediction = _online_softmax_row(Logits, vocab, BLOCK_V)
+    lse = m_max_ref + tl.log(total)
     # Read before the gradient sweep overwrites it; an ignored row reads z_0, unused.
     z_target = tl.load(Logits + tl.where(valid, target, 0)).to(tl.float32)
     tl.store(Loss + row, tl.where(valid, lse - z_target, 0.0))
     tl.store(Prediction + row, prediction.to(tl.int64))
     if COMPUTE_GRAD:
+        lanes = tl.arange(0, BLOCK_V)
         for start in range(0, vocab, BLOCK_V):
             offs = start + lanes
             mask = offs < vocab
