@@ -313,15 +313,7 @@ class Trainer:
             TypeError: non-tensor or non-integer inputs or targets.
         """
         weights = self._layer_weights(model)
-        for name, tensor in (("inputs", inputs), ("targets", targets)):
-            if not isinstance(tensor, torch.Tensor) or tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
-                raise TypeError(f"{name} must be an integer tensor, got {getattr(tensor, 'dtype', type(tensor))}")
-            if tensor.dim() != 2:
-                raise ValueError(f"{name} must have shape (B, T), got {tuple(tensor.shape)}")
-        if inputs.shape != targets.shape:
-            raise ValueError(
-                f"inputs and targets must have the same shape, got {tuple(inputs.shape)} and {tuple(targets.shape)}"
-            )
+        inputs, targets = split_batch((inputs, targets))  # types and shapes, named in errors
         self._check_targets(targets)
         # Under torchrun, through the DDP/FSDP2 wrapper: FSDP2's shards are gathered and a
         # backward of this loss reduces gradients over ranks (this rank's rows only).

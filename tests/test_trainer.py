@@ -185,7 +185,7 @@ def test_compute_loss_checks_shapes() -> None:
     batch = random_batches(1)[0]
     with pytest.raises(ValueError, match="inputs and targets must have the same shape"):
         trainer.compute_loss(tiny_model(), batch[:, :-1], batch[:, 2:])
-    with pytest.raises(TypeError, match="targets must be an integer tensor"):
+    with pytest.raises(TypeError, match="targets must hold integer token ids"):
         trainer.compute_loss(tiny_model(), batch[:, :-1], batch[:, 1:].float())
 
 
