@@ -16,7 +16,6 @@ choose, so a direct import of an op can never bypass the setting.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Iterator
 
@@ -59,14 +58,22 @@ def backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
-@functools.cache
+_triton_imports: bool | None = None  # decided on first use, then fixed for the process
+
+
 def triton_available() -> bool:
     """Whether Triton imports in this process."""
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    # A plain global rather than functools.cache: torch.compile traces through this
+    # function and would warn that it ignores the cache wrapper.
+    global _triton_imports
+    if _triton_imports is None:
+        try:
+            import triton  # noqa: F401
+
+            _triton_imports = True
+        except Exception:
+            _triton_imports = False
+    return _triton_imports
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
