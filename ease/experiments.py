@@ -42,7 +42,7 @@ class ExperimentSettings:
     seq_len: int = 64
     batch_size: int = 32
     lr: float = 3e-3
-    max_epochs: int = 6
+    max_epochs: int = 10
     patience: int = 1
     threshold: float = 0.95
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
