@@ -24,6 +24,20 @@ KERNEL_DEVICE = "cuda" if CUDA else "cpu"
 KERNEL_DEVICES = [KERNEL_DEVICE]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Run the suite's small models and tensors on one thread.
+
+    At test sizes a thread pool costs more than it saves, and on a busy machine OpenMP's
+    spin-waiting threads made small ops up to 100x slower. torchrun workers started by the
+    tests get OMP_NUM_THREADS=1 for the same reason.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def triton_backend():
     """Force the Triton kernels (interpreter on the CPU) for the duration of a test."""

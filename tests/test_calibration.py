@@ -14,14 +14,6 @@ from ease.trainer import IGNORE_INDEX
 VOCAB = 50
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: extra threads only add synchronisation (and stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def random_model(num_layers=4, seed=0):
     """Wide random weights (std 0.3): confidences spread over about 0.1..0.6."""

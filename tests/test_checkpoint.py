@@ -35,14 +35,6 @@ LAYERS = 3
 STEPS_PER_EPOCH = 4  # 24 rows in batches of 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (see tests/test_trainer.py)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def periodic(rows: int, seed: int, seq: int = 16, period: int = 5) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)

@@ -52,14 +52,6 @@ WEIGHTS = {"rtol": 1e-5, "atol": 1e-6}  # SGD passes gradient rounding through u
 LAUNCH_TIMEOUT = 240  # seconds; a launch takes about 10 s on two cores
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; the torchrun ranks get OMP_NUM_THREADS=1 too."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def launch(mode: str, loss_path: str, out: Path) -> None:
     """Run the worker under ``torchrun --nproc_per_node=2`` and fail with its output if it fails."""

@@ -11,14 +11,6 @@ import torch
 VOCAB = 1000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models run faster on one thread (and far faster on a busy machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def windows(count: int, seq_len: int = 16, seed: int = 0) -> torch.Tensor:
     """``count`` windows of ``seq_len + 1`` tokens from a learnable stream.

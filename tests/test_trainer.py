@@ -33,19 +33,6 @@ LAYERS = 3
 REL = 1e-5  # float32 trainer vs float64 test, see the module docstring
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run these tiny models on one thread.
-
-    With dim=32 a thread pool costs more than it saves, and on a busy machine OpenMP's
-    spin-waiting threads make each small op up to 100x slower.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_model(cls=DeepSupervisionTransformer, **kwargs) -> torch.nn.Module:
     return cls(vocab_size=VOCAB, dim=32, num_layers=LAYERS, max_seq_len=32, **kwargs)
 
