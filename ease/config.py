@@ -221,6 +221,12 @@ def _check_num_layers(num_layers: object) -> int:
     return int(num_layers)
 
 
+def _config_with_weights(helper: str, weights: dict[int, float], kwargs: dict[str, Any]) -> TrainingConfig:
+    if "layer_weights" in kwargs:
+        raise TypeError(f"{helper} sets layer_weights itself; build a TrainingConfig instead")
+    return TrainingConfig(layer_weights=weights, **kwargs)
+
+
 def create_standard_config(num_layers: int, **kwargs: Any) -> TrainingConfig:
     """Final-layer-only training: ``layer_weights={1: 0, ..., num_layers - 1: 0, num_layers: 1}``.
 
@@ -233,11 +239,9 @@ def create_standard_config(num_layers: int, **kwargs: Any) -> TrainingConfig:
         TypeError: ``layer_weights`` passed in ``kwargs`` (this helper sets it).
     """
     num_layers = _check_num_layers(num_layers)
-    if "layer_weights" in kwargs:
-        raise TypeError("create_standard_config sets layer_weights itself; build a TrainingConfig instead")
     weights = {layer: 0.0 for layer in range(1, num_layers)}
     weights[num_layers] = 1.0
-    return TrainingConfig(layer_weights=weights, **kwargs)
+    return _config_with_weights("create_standard_config", weights, kwargs)
 
 
 def create_deep_supervision_config(num_layers: int, **kwargs: Any) -> TrainingConfig:
@@ -252,8 +256,5 @@ def create_deep_supervision_config(num_layers: int, **kwargs: Any) -> TrainingCo
         TypeError: ``layer_weights`` passed in ``kwargs`` (this helper sets it).
     """
     num_layers = _check_num_layers(num_layers)
-    if "layer_weights" in kwargs:
-        raise TypeError(
-            "create_deep_supervision_config sets layer_weights itself; build a TrainingConfig instead"
-        )
-    return TrainingConfig(layer_weights={layer: 1 / num_layers for layer in range(1, num_layers + 1)}, **kwargs)
+    weights = {layer: 1 / num_layers for layer in range(1, num_layers + 1)}
+    return _config_with_weights("create_deep_supervision_config", weights, kwargs)
