@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from _parity import relative_error, worst
 import ease_kernels
 from ease_kernels import exit_head_confidence, exit_head_loss, exit_head_loss_reference
 
@@ -61,19 +62,6 @@ def backend(request):
 # ---------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------
-def relative_error(out: torch.Tensor, truth: torch.Tensor) -> float:
-    """``max |out - truth| / max |truth|`` in float64."""
-    error = (out.double() - truth.double()).abs().max().item()
-    return error / max(truth.double().abs().max().item(), 1e-30)
-
-
-def worst(out: torch.Tensor, truth: torch.Tensor) -> str:
-    """Where ``out`` is furthest from ``truth``, for failure messages."""
-    diff = (out.double() - truth.double()).abs()
-    index = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
-    return f"worst at {index}: got {out[index].item():.6g}, want {truth[index].item():.6g}"
-
-
 def assert_close(name: str, out: torch.Tensor, truth: torch.Tensor, tol: float) -> None:
     assert out.shape == truth.shape, f"{name}: shape {tuple(out.shape)}, want {tuple(truth.shape)}"
     error = relative_error(out, truth)

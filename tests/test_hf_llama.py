@@ -21,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from _parity import assert_close_rel, relative_error  # noqa: E402
 import ease_kernels  # noqa: E402
 from ease import DeepSupervisionTransformer, StandardTransformer, from_hf_llama, to_hf_llama  # noqa: E402
 from ease.hf_llama import model_kwargs_from_hf_config  # noqa: E402
@@ -83,22 +84,6 @@ def input_ids(batch=2, seq=37, seed=1):
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def rel_error(out: torch.Tensor, truth: torch.Tensor) -> float:
-    scale = truth.abs().max().item()
-    return (out.double() - truth.double()).abs().max().item() / (scale if scale > 0 else 1.0)
-
-
-def assert_close_rel(out: torch.Tensor, truth: torch.Tensor, tol: float, what: str) -> float:
-    """Assert ``rel_error <= tol``, reporting where and by how much it is exceeded."""
-    assert out.shape == truth.shape, f"{what}: shape {tuple(out.shape)} != {tuple(truth.shape)}"
-    error = rel_error(out, truth)
-    if not error <= tol:  # `not <=` also catches NaN
-        diff = (out.double() - truth.double()).abs()
-        index = tuple(int(i) for i in torch.unravel_index(diff.flatten().argmax(), truth.shape))
-        raise AssertionError(
-            f"{what}: relative error {error:.3g} > {tol:.3g}; worst at {index}: "
-            f"{out[index].item()!r} vs {truth[index].item()!r}"
-        )
     return error
 
 
@@ -131,7 +116,7 @@ def test_converted_logits_match_hugging_face(tied, scaling):
         out = model(ids)
     assert sorted(out) == list(range(1, LAYERS + 1))
     for layer in out:
-        reference_error = rel_error(hf32[layer], truth[layer])
+        reference_error = relative_error(hf32[layer], truth[layer])
         assert reference_error <= FLOAT32_TOL
         assert_close_rel(out[layer], truth[layer], FLOAT32_TOL, f"layer {layer} logits")
 

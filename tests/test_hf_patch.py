@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 import transformers.models.llama.modeling_llama as modeling_llama  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from _parity import assert_close_rel, relative_error  # noqa: E402
 import ease_kernels  # noqa: E402
 from ease_kernels import is_patched, patch_llama, unpatch  # noqa: E402
 
@@ -56,21 +57,6 @@ def input_ids(batch=2, seq=23, seed=1):
     return torch.randint(1, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def rel_error(out, truth):
-    scale = truth.abs().max().item()
-    return (out.double() - truth.double()).abs().max().item() / (scale if scale > 0 else 1.0)
-
-
-def assert_close_rel(out, truth, tol, what):
-    assert out.shape == truth.shape, f"{what}: shape {tuple(out.shape)} != {tuple(truth.shape)}"
-    error = rel_error(out, truth)
-    if not error <= tol:  # `not <=` also catches NaN
-        diff = (out.double() - truth.double()).abs()
-        index = tuple(int(i) for i in torch.unravel_index(diff.flatten().argmax(), truth.shape))
-        raise AssertionError(
-            f"{what}: relative error {error:.3g} > {tol:.3g}; worst at {index}: "
-            f"{out[index].item()!r} vs {truth[index].item()!r}"
-        )
 
 
 def logits_and_grads(model, ids):
@@ -108,7 +94,7 @@ def test_patched_logits_and_grads_match_unpatched(request, backend, device, tied
     model.float()
     with ease_kernels.backend("reference"):
         hf_logits, _ = logits_and_grads(model, ids)
-    assert rel_error(hf_logits, truth_logits) <= LOGITS_TOL
+    assert relative_error(hf_logits, truth_logits) <= LOGITS_TOL
 
     patch_llama(model)
     assert is_patched(model) and modeling_llama.apply_rotary_pos_emb.__ease_kernels__
@@ -147,14 +133,14 @@ def test_bfloat16_model(reference_backend):
     with torch.no_grad():
         truth = model.double()(ids).logits
         model.to(torch.bfloat16)
-        hf_error = rel_error(model(ids).logits, truth)
+        hf_error = relative_error(model(ids).logits, truth)
         patch_llama(model)
         out = model(ids).logits
     unpatch(model)
     assert out.dtype == torch.bfloat16
     # ease rounds once after the weight product, transformers before it: both keep
     # bfloat16 precision, within a small factor of each other.
-    assert rel_error(out, truth) <= max(2 * hf_error, 8 * torch.finfo(torch.bfloat16).eps)
+    assert relative_error(out, truth) <= max(2 * hf_error, 8 * torch.finfo(torch.bfloat16).eps)
 
 
 def test_norm_keeps_transformers_output_dtype():

@@ -18,6 +18,7 @@ import importlib
 import pytest
 import torch
 from conftest import KERNEL_DEVICES
+from _parity import relative_error, worst
 
 import ease_kernels
 from ease_kernels import rms_norm, rms_norm_reference
@@ -94,21 +95,6 @@ def forward_backward(fn, x, weight, eps=EPS, residual=None, dy=None, ds=None) ->
         grads = torch.autograd.grad(outputs, inputs, grad_outputs)
         result.update(dx=grads[0], dweight=grads[1], dresidual=grads[2] if residual is not None else None)
     return result
-
-
-def relative_error(out: torch.Tensor, truth: torch.Tensor, scale: float = 0.0) -> float:
-    """``max |out - truth| / max(max |truth|, scale)`` in float64 (0 for empty tensors)."""
-    if truth.numel() == 0:
-        return 0.0
-    error = (out.double() - truth.double()).abs().max().item()
-    return error / max(truth.double().abs().max().item(), scale, 1e-30)
-
-
-def worst(out: torch.Tensor, truth: torch.Tensor) -> str:
-    """Where ``out`` is furthest from ``truth``, for failure messages."""
-    diff = (out.double() - truth.double()).abs()
-    index = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
-    return f"worst at {index}: got {out[index].item():.6g}, want {truth[index].item():.6g}"
 
 
 def check_against_truth(result: dict, truth: dict, label: str) -> dict:

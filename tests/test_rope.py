@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import ease_kernels
+from _parity import assert_close_rel, relative_error
+
 from ease_kernels import apply_rope, apply_rope_reference, rope_cos_sin
 
 # Where the kernels can run: CUDA when present, the CPU only through the Triton interpreter
@@ -39,23 +41,6 @@ TOLERANCE = {
 EXTRA_EPS_OVER_REFERENCE = 1.0
 
 
-def rel_error(out: torch.Tensor, truth: torch.Tensor) -> float:
-    scale = truth.abs().max().item()
-    return (out.double() - truth).abs().max().item() / (scale if scale > 0 else 1.0)
-
-
-def assert_close_rel(out: torch.Tensor, truth: torch.Tensor, tol: float, what: str) -> float:
-    """Assert ``rel_error <= tol``, reporting where and by how much it is exceeded."""
-    assert out.shape == truth.shape, f"{what}: shape {tuple(out.shape)} != {tuple(truth.shape)}"
-    error = rel_error(out, truth)
-    if not error <= tol:  # `not <=` also catches NaN
-        where = (out.double() - truth).abs().flatten().argmax().item()
-        index = tuple(torch.unravel_index(torch.tensor(where), truth.shape))
-        raise AssertionError(
-            f"{what}: relative error {error:.3g} > {tol:.3g}; worst at {tuple(int(i) for i in index)}: "
-            f"{out.flatten()[where].item()!r} vs truth {truth.flatten()[where].item()!r}"
-        )
-    return error
 
 
 # ---------------------------------------------------------------------------------------
@@ -176,8 +161,8 @@ def test_kernel_forward_and_backward_match_truth(triton_backend, device, dtype, 
     with ease_kernels.backend("reference"):
         q_ref, k_ref = apply_rope(q.detach(), k.detach(), cos, sin)
     slack = EXTRA_EPS_OVER_REFERENCE * torch.finfo(dtype).eps
-    assert q_error <= rel_error(q_ref, q_truth) + slack
-    assert k_error <= rel_error(k_ref, k_truth) + slack
+    assert q_error <= relative_error(q_ref, q_truth) + slack
+    assert k_error <= relative_error(k_ref, k_truth) + slack
 
 
 @pytest.mark.parametrize("device", DEVICES)
