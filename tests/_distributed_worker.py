@@ -149,6 +149,7 @@ def run(mode: str, out: Path, fused_loss: bool) -> None:
     train, val, sampler_rows = data()
     report: dict = {}
 
+    print("phases 1-3", flush=True)  # every rank's log shows how far it got
     # Phases 1-3 (SGD): evaluation, one epoch step by step, two epochs with early stopping.
     trainer, model = build(mode, str(out / "sgd"), fused_loss, accumulation)
     context = trainer.distributed
@@ -164,6 +165,7 @@ def run(mode: str, out: Path, fused_loss: bool) -> None:
     report["decision"] = [result.best_epoch, result.epochs_run, result.stopped_early]
     save_weights(model, context, out / "weights_sgd.pt")
 
+    print("phase 4", flush=True)
     # Phase 4 (AdamW, the Trainer's optimiser): three epochs straight, and two epochs then
     # a resume with fresh objects for the third; each run checkpoints into its own folder.
     for name, stop_after in (("straight", 3), ("stopped", 2)):
@@ -179,6 +181,7 @@ def run(mode: str, out: Path, fused_loss: bool) -> None:
     report["resumed_decision"] = [resumed.best_epoch, resumed.epochs_run, resumed.stopped_early]
 
     if mode in ("ddp", "none"):
+        print("phase 5", flush=True)
         # Phase 5: a DataLoader whose DistributedSampler already splits the rows.
         trainer, model = build(mode, None, fused_loss, 1)
         optimizer = sgd(trainer, model)
@@ -194,6 +197,7 @@ def run(mode: str, out: Path, fused_loss: bool) -> None:
         report["sampler_loss"] = trainer.train_epoch(model, batches, optimizer, verbose=False)
         save_weights(model, context, out / "weights_sampler.pt")
 
+    print("phase 6", flush=True)
     # Phase 6: block 2's output turns to NaN on the last rank only, at step 2 of epoch 2.
     # Every rank must raise the same error (the losses are reduced before the check), and
     # the checkpoint of epoch 1 must stay.
@@ -225,12 +229,16 @@ def main() -> None:
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / f"rank{rank}.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    # Line-buffered: a rank that dies mid-run still leaves the lines it printed.
+    with open(out / f"rank{rank}.log", "w", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         run(mode, out, fused_loss=loss_path == "fused")
+    # Progress on stderr, which the test prints on failure: it shows where a rank died.
+    print(f"rank {rank}: report written", file=sys.stderr, flush=True)
     if torch.distributed.is_initialized():
         # Both ranks finish together and leave the group before the interpreter exits.
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        print(f"rank {rank}: left the process group", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,10 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -51,6 +53,23 @@ LOSS_REL = 1e-6  # float32 sums in another order, see the module docstring
 WEIGHTS = {"rtol": 1e-5, "atol": 1e-6}  # SGD passes gradient rounding through unamplified
 LAUNCH_TIMEOUT = 240  # seconds; a launch takes about 10 s on two cores
 
+# A launch whose first failing rank was killed by a signal, not by a Python error, is
+# relaunched once. In one CI run on a loaded two-core machine, rank 0 of the FSDP2 launch
+# aborted inside PyTorch's C++ code ("terminate called without an active exception": a
+# std::thread destroyed while still joinable); about 60 launches since, alone, two at a time
+# and beside the test suite, did not repeat it. A Python error fails at once, and so does a
+# second signal death.
+ROOT_CAUSE_EXIT_CODE = re.compile(r"Root Cause.*?exitcode\s*:\s*(-?\d+)", re.DOTALL)
+
+
+def died_of_a_signal(torchrun_stderr: str) -> bool:
+    """True when the rank torchrun names as the root cause was killed by a signal (code < 0).
+
+    A Python error exits with 1; the other ranks then fail in turn (a closed connection, or
+    torchrun's SIGTERM), but the root cause torchrun reports is the first failure.
+    """
+    found = ROOT_CAUSE_EXIT_CODE.search(torchrun_stderr)
+    return found is not None and int(found.group(1)) < 0
 
 
 def launch(mode: str, loss_path: str, out: Path) -> None:
@@ -67,14 +86,22 @@ def launch(mode: str, loss_path: str, out: Path) -> None:
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         str(REPO / "tests" / "_distributed_worker.py"), mode, str(out), loss_path,
     ]  # fmt: skip
-    completed = subprocess.run(
-        command, env=environment, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=REPO
-    )
-    if completed.returncode != 0:
+    for attempt in (1, 2):
+        completed = subprocess.run(
+            command, env=environment, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=REPO
+        )
+        if completed.returncode == 0:
+            return
         logs = "".join(
             f"\n--- {path.name}\n{path.read_text()[-3000:]}" for path in sorted(out.glob("rank*.log"))
         )
-        pytest.fail(f"torchrun {mode} failed ({completed.returncode}):\n{completed.stderr[-6000:]}{logs}")
+        failure = f"torchrun {mode} failed ({completed.returncode}):\n{completed.stderr[-6000:]}{logs}"
+        # Only a rank killed by a signal, and only once; the first failure stays visible.
+        if attempt == 2 or not died_of_a_signal(completed.stderr):
+            pytest.fail(failure)
+        warnings.warn(f"relaunching after a rank died of a signal; first launch:\n{failure}", stacklevel=1)
+        shutil.rmtree(out)
+        out.mkdir()
 
 
 @pytest.fixture(scope="module")
@@ -252,6 +279,22 @@ def test_gradient_accumulation_matches_one_step(steps: int) -> None:
         results.append((loss, {k: v.clone() for k, v in model.state_dict().items()}))
     assert results[1][0] == pytest.approx(results[0][0], rel=LOSS_REL)
     assert_same_weights(results[1][1], results[0][1])
+
+
+def test_only_signal_deaths_are_relaunched() -> None:
+    # torchrun's failure report, abridged: the CI abort (rank 0 SIGABRT, rank 1 SIGTERMed
+    # after it) and a Python error in rank 1 (rank 0 SIGTERMed after it).
+    aborted = (
+        "Failures:\n[1]:\n  rank : 1\n  exitcode  : -15 (pid: 2)\n"
+        "Root Cause (first observed failure):\n[0]:\n  rank : 0\n  exitcode  : -6 (pid: 1)\n"
+    )
+    python_error = (
+        "Failures:\n[1]:\n  rank : 0\n  exitcode  : -15 (pid: 1)\n"
+        "Root Cause (first observed failure):\n[0]:\n  rank : 1\n  exitcode  : 1 (pid: 2)\n"
+    )
+    assert died_of_a_signal(aborted)
+    assert not died_of_a_signal(python_error)
+    assert not died_of_a_signal("torchrun: timed out waiting for the rendezvous")
 
 
 def test_shard_rows_splits_contiguously_and_pads_empty_shards() -> None:
