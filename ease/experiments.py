@@ -24,6 +24,7 @@ from pathlib import Path
 from ease._io import atomic_path, atomic_write_text
 from ease.config import TrainingConfig, create_deep_supervision_config, create_standard_config
 from ease.data import load_data, set_seed, unigram_baseline
+from ease.distributed import setup_distributed
 from ease.models import DeepSupervisionTransformer, EarlyExitDecoder, StandardTransformer
 from ease.trainer import Trainer
 
@@ -94,14 +95,22 @@ def build_runs(settings: ExperimentSettings) -> list[tuple[str, type[EarlyExitDe
 
 
 def run_experiments(settings: ExperimentSettings) -> dict:
-    """Train and evaluate every run, write the output folder, and return the results."""
+    """Train and evaluate every run, write the output folder, and return the results.
+
+    Under ``torchrun`` every rank trains (DDP, each rank on its rows of every batch) and
+    returns the same results; rank 0 alone prints and writes the output folder.
+    """
     out = Path(settings.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # The Trainers join this same process group; it tells which rank writes.
+    writer = setup_distributed("auto").is_main
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
     data = load_data(
         settings.text, vocab_size=settings.vocab_size, seq_len=settings.seq_len,
         batch_size=settings.batch_size, seed=settings.seed,
     )
-    data.tokenizer.save(str(out / "tokenizer.json"))
+    if writer:
+        data.tokenizer.save(str(out / "tokenizer.json"))
     baseline = unigram_baseline(data.train_ids, data.val_ids, data.vocab_size)
     results = {
         "settings": asdict(settings),
@@ -110,7 +119,7 @@ def run_experiments(settings: ExperimentSettings) -> dict:
         "runs": {},
     }
     for name, model_cls, config in build_runs(settings):
-        if settings.verbose:
+        if settings.verbose and writer:
             print(f"\n== {name} ==", flush=True)
         set_seed(settings.seed)
         model = model_cls(data.vocab_size, settings.dim, settings.num_layers, max_seq_len=settings.seq_len)
@@ -129,8 +138,9 @@ def run_experiments(settings: ExperimentSettings) -> dict:
             for threshold in settings.thresholds:
                 exit_stats = trainer.evaluate(model, data.val_batches, routing_threshold=threshold)["early_exit"]
                 sweep.append({key: exit_stats[key] for key in ("threshold", "accuracy", "mean_exit_layer", "compute_saved")})
-        model.save_pretrained(out / "models" / name)
-        data.tokenizer.save(str(out / "models" / name / "tokenizer.json"))
+        if writer:
+            model.save_pretrained(out / "models" / name)
+            data.tokenizer.save(str(out / "models" / name / "tokenizer.json"))
         results["runs"][name] = {
             "model_class": model_cls.__name__,
             "layer_weights": {str(k): v for k, v in (config.layer_weights or {}).items()},
@@ -142,9 +152,10 @@ def run_experiments(settings: ExperimentSettings) -> dict:
         }
     table = results_table(results)
     results["table"] = table
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
-    atomic_write_text(out / "results.md", table)
-    plot_results(results, out)
+    if writer:
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+        atomic_write_text(out / "results.md", table)
+        plot_results(results, out)
     return results
 
 
@@ -270,6 +281,8 @@ def main(argv: list[str] | None = None) -> dict:
     """Entry point of ``python -m ease.experiments`` and the ``ease-experiments`` script."""
     settings = parse_args(argv)
     results = run_experiments(settings)
+    if not setup_distributed("auto").is_main:
+        return results
     print()
     print(results["table"])
     print(f"wrote {Path(settings.out).resolve()}/ (results.json, results.md, loss_curves.png, exit_tradeoff.png, models/)")

@@ -1,0 +1,170 @@
+"""Tests of ease.experiments: a tiny comparison run end to end, its table, flags and plots.
+
+The runs use a slice of the built-in corpus, a 300-token BPE and a 16-wide model, so
+one full comparison (three trainings, the sweep, the files) takes a few seconds. The
+torchrun test checks that two ranks print one table and that rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ease import Trainer, TrainingConfig, experiments
+from ease.data import load_data, load_default_text
+from ease.models import load_model
+
+REPO = Path(__file__).resolve().parent.parent
+THRESHOLDS = (0.05, 0.3, 0.6, 0.99)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_flags(text: Path, out: Path) -> list[str]:
+    return [
+        "--text", str(text), "--out", str(out), "--vocab-size", "300", "--dim", "16", "--seq-len", "16",
+        "--batch-size", "8", "--max-epochs", "2", "--patience", "1",
+        "--thresholds", ",".join(map(str, THRESHOLDS)), "--quiet",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """About 40 kB of the built-in corpus: enough for several batches of each split."""
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text(load_default_text()[:40_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(corpus, tmp_path_factory) -> tuple[dict, Path]:
+    """``(results, output folder)`` of one tiny comparison through the command-line entry."""
+    out = tmp_path_factory.mktemp("experiments")
+    cache = tmp_path_factory.mktemp("bpe-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EASE_CACHE_DIR", str(cache))  # never the user's ~/.cache
+        results = experiments.main(tiny_flags(corpus, out))
+    return results, out
+
+
+def test_every_run_is_trained_and_written(finished) -> None:
+    results, out = finished
+    assert list(results["runs"]) == ["standard", "deep_supervision", "asymmetric"]
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert (out / "results.md").read_text() == results["table"]
+    for name, run in results["runs"].items():
+        stopping = run["early_stopping"]
+        assert 1 <= stopping["best_epoch"] <= stopping["epochs_run"] <= 2
+        assert len(stopping["history"]) == stopping["epochs_run"]
+        assert (out / "models" / name / "tokenizer.json").is_file()
+
+
+def test_saved_models_are_the_evaluated_ones(finished, corpus, tmp_path) -> None:
+    # Each saved model, reloaded and evaluated on the same validation batches, gives the
+    # figures in results.json: the restored best state is what was saved.
+    results, out = finished
+    settings = results["settings"]
+    data = load_data(
+        corpus, vocab_size=settings["vocab_size"], seq_len=settings["seq_len"],
+        batch_size=settings["batch_size"], seed=settings["seed"], cache_dir=tmp_path,
+    )  # fmt: skip
+    for name, run in results["runs"].items():
+        model = load_model(out / "models" / name)
+        assert type(model).__name__ == run["model_class"]
+        figures = Trainer(TrainingConfig(verbose=False), data.vocab_size).evaluate(model, data.val_batches)
+        assert figures["loss"] == pytest.approx(run["evaluation"]["loss"], rel=1e-6), name
+        assert figures["accuracy"] == run["evaluation"]["accuracy"], name
+
+
+def test_asymmetric_run_uses_the_spec_example(finished) -> None:
+    results, _ = finished
+    asymmetric = results["runs"]["asymmetric"]
+    assert asymmetric["layer_weights"] == {"1": 0.7, "2": 0.0, "3": 0.3}
+    assert asymmetric["layer_lr_scales"] == {"1": 1.0, "2": 0.5, "3": 0.1}
+    # Layer 2 has weight 0: it is evaluated, but never trained through its own head.
+    assert set(asymmetric["evaluation"]["layers"]) == {"1", "2", "3"}
+
+
+def test_threshold_sweep_trades_accuracy_for_computation(finished) -> None:
+    results, _ = finished
+    assert results["runs"]["standard"]["threshold_sweep"] == []
+    for name in ("deep_supervision", "asymmetric"):
+        sweep = results["runs"][name]["threshold_sweep"]
+        assert [row["threshold"] for row in sweep] == list(THRESHOLDS)
+        exit_layers = [row["mean_exit_layer"] for row in sweep]
+        saved = [row["compute_saved"] for row in sweep]
+        # A higher threshold lets fewer tokens leave early: later exits, less saved.
+        assert exit_layers == sorted(exit_layers), f"{name}: {exit_layers}"
+        assert saved == sorted(saved, reverse=True), f"{name}: {saved}"
+        assert all(1.0 <= layer <= 3.0 for layer in exit_layers)
+        # Only tokens that left early can change the answer, and each of them saves at
+        # least 1/3 of the layers: |accuracy - final-layer accuracy| <= 3 * compute saved.
+        final = results["runs"][name]["evaluation"]["accuracy"]
+        for row in sweep:
+            assert abs(row["accuracy"] - final) <= 3 * row["compute_saved"] + 1e-9, f"{name}: {row}"
+
+
+def test_table_has_the_baseline_and_one_row_per_run(finished) -> None:
+    results, _ = finished
+    rows = [line for line in results["table"].splitlines() if line.startswith("| ") and "---" not in line]
+    names = [row.split("|")[1].strip() for row in rows]
+    assert names[:5] == ["run", "unigram baseline", "standard", "deep_supervision", "asymmetric"]
+    standard = rows[names.index("standard")]
+    assert "n/a" in standard  # no exit heads to sweep
+    ppl = results["runs"]["deep_supervision"]["evaluation"]["ppl"]
+    assert f"| {ppl:.1f} |" in rows[names.index("deep_supervision")]
+    assert results["table"].count("Threshold sweep,") == 2
+
+
+def test_plots_are_png_files(finished) -> None:
+    pytest.importorskip("matplotlib")
+    _, out = finished
+    for name in ("loss_curves.png", "exit_tradeoff.png"):
+        assert (out / name).read_bytes()[:8] == PNG_SIGNATURE
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_asymmetric_options_generalise_to_other_depths() -> None:
+    assert experiments.asymmetric_options(3) == ({1: 0.7, 2: 0.0, 3: 0.3}, {1: 1.0, 2: 0.5, 3: 0.1})
+    weights, scales = experiments.asymmetric_options(5)
+    assert weights == {1: 0.7, 2: 0.0, 3: 0.0, 4: 0.0, 5: 0.3}
+    assert scales[1] == 1.0 and scales[5] == pytest.approx(0.1)
+    assert list(scales.values()) == sorted(scales.values(), reverse=True)
+    with pytest.raises(ValueError, match="num_layers >= 2"):
+        experiments.asymmetric_options(1)
+
+
+def test_flags_map_onto_settings() -> None:
+    settings = experiments.parse_args(["--num-layers", "4", "--thresholds", "0.5, 0.9", "--quiet"])
+    assert (settings.num_layers, settings.thresholds, settings.verbose) == (4, (0.5, 0.9), False)
+    assert experiments.parse_args([]) == experiments.ExperimentSettings()
+
+
+def test_bad_thresholds_flag_names_the_flag(capsys) -> None:
+    with pytest.raises(SystemExit):
+        experiments.parse_args(["--thresholds", "0.5,high"])
+    assert "--thresholds must be comma-separated numbers" in capsys.readouterr().err
+
+
+def test_under_torchrun_rank_zero_alone_prints_and_writes(corpus, tmp_path) -> None:
+    environment = dict(os.environ)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        environment.pop(name, None)
+    environment.update(
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), environment.get("PYTHONPATH")])),
+        OMP_NUM_THREADS="1",
+        EASE_CACHE_DIR=str(tmp_path / "cache"),
+    )
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "ease.experiments", *tiny_flags(corpus, out)]  # fmt: skip
+    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert completed.stdout.count("| unigram baseline |") == 1, completed.stdout
+    assert completed.stdout.count("wrote ") == 1
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["runs"]) == ["standard", "deep_supervision", "asymmetric"]
+    assert not list(out.rglob("*.tmp"))
