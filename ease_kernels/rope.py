@@ -274,9 +274,30 @@ torch.library.register_autograd(
 )
 
 
+# ---------------------------------------------------------------------------------------
+# Eager path: the same launcher under a plain autograd.Function, without the custom op's
+# per-call Python cost (see rms_norm.py); torch.compile takes the custom op.
+# ---------------------------------------------------------------------------------------
+class _RopeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, inverse):
+        ctx.save_for_backward(cos, sin)
+        ctx.inverse = inverse
+        return _rope_launch(q, k, cos, sin, inverse)
+
+    @staticmethod
+    def backward(ctx, grad_q_out, grad_k_out):
+        # The opposite rotation, through the function itself: double backward works.
+        cos, sin = ctx.saved_tensors
+        grad_q, grad_k = _RopeFunction.apply(grad_q_out, grad_k_out, cos, sin, not ctx.inverse)
+        return grad_q, grad_k, None, None, None
+
+
 def _apply_rope_triton(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if not torch.compiler.is_compiling():
+        return _RopeFunction.apply(q, k, cos, sin, False)
     return torch.ops.ease.apply_rope(q, k, cos, sin)
 
 

@@ -47,6 +47,19 @@ def triton_backend():
         yield
 
 
+@pytest.fixture(params=["eager", "custom_op"])
+def triton_path(request, monkeypatch):
+    """Each of the two roads from an op to its kernel, one per run of the test.
+
+    Eager calls go through a plain ``torch.autograd.Function``; under ``torch.compile``
+    (``torch.compiler.is_compiling()``) the ops call their ``torch.library`` custom ops.
+    ``custom_op`` patches ``is_compiling`` so that eager tests take the compile road.
+    """
+    if request.param == "custom_op":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    return request.param
+
+
 @pytest.fixture
 def reference_backend():
     """Force the reference ops for the duration of a test."""

@@ -90,7 +90,7 @@ def test_reference_matches_float64_truth(dtype):
 # 1 and 7: a single partial block; 1000: not a power of two; 3 blocks + a remainder: the
 # online loop rescales across blocks.
 @pytest.mark.parametrize("vocab", [1, 7, 1000, 3 * BLOCK + 123])
-def test_kernel_matches_float64_truth(triton_backend, device, dtype, vocab):
+def test_kernel_matches_float64_truth(triton_backend, triton_path, device, dtype, vocab):
     torch.manual_seed(vocab)
     # Scale 3 spreads the confidences over (0, 1], so the threshold splits the rows.
     logits = (3 * torch.randn(6, vocab, device=device)).to(dtype)
@@ -145,7 +145,7 @@ def test_kernel_ties_in_small_vocab(triton_backend, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_kernel_threshold_semantics(triton_backend, device):
+def test_kernel_threshold_semantics(triton_backend, triton_path, device):
     torch.manual_seed(3)
     logits = torch.randn(16, 300, device=device) * torch.linspace(0.5, 12, 16, device=device)[:, None]
     logits[0] = 0.0

@@ -205,7 +205,7 @@ def check_triton(x, weight, r, dy, ds, device, label):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hidden", HIDDEN_SIZES)
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-def test_triton_matches_float64(triton_backend, device, dtype, hidden, residual):
+def test_triton_matches_float64(triton_backend, triton_path, device, dtype, hidden, residual):
     rows = 3 if hidden > rms_norm_module.MAX_BLOCK else 6
     inputs = make_inputs((rows, hidden), dtype, device, residual=residual)
     check_triton(*inputs, device, f"{dtype} hidden={hidden}")
@@ -244,7 +244,7 @@ def test_triton_leading_shapes(triton_backend, device, shape, residual):
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("layout", ["transposed", "row_slice", "batch_slice"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-def test_triton_non_contiguous(triton_backend, device, layout, residual):
+def test_triton_non_contiguous(triton_backend, triton_path, device, layout, residual):
     """Views the launchers must copy (transposed: columns not adjacent) or may read in
     place (slices: strided rows, adjacent columns); dy and ds non-contiguous too."""
     rows, hidden = 6, 50
@@ -276,7 +276,7 @@ def test_triton_empty(triton_backend, device, shape, residual):
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_triton_residual_with_s_unused(triton_backend, device):
+def test_triton_residual_with_s_unused(triton_backend, triton_path, device):
     """When only y is used, autograd hands the backward a zero ds: x and residual still
     get the gradient through y, as with the reference."""
     x, weight, r, dy, _ = make_inputs((4, 37), torch.float32, device, residual=True)
@@ -287,6 +287,17 @@ def test_triton_residual_with_s_unused(triton_backend, device):
         grads[fn] = torch.autograd.grad(y, inputs, dy)
     for name, got, want in zip(("dx", "dweight", "dresidual"), grads[rms_norm], grads[rms_norm_reference]):
         torch.testing.assert_close(got, want, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_triton_double_backward_is_refused(triton_backend, triton_path, device):
+    """The backward kernel has no backward of its own: a second differentiation raises
+    on both roads instead of returning a gradient that silently misses terms."""
+    x, weight, _, _, _ = make_inputs((3, 16), torch.float32, device, residual=False)
+    x.requires_grad_()
+    (dx,) = torch.autograd.grad(rms_norm(x, weight, EPS).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|no autograd formula"):
+        dx.sum().backward()
 
 
 def test_triton_backend_runs_the_kernel(triton_backend, monkeypatch):

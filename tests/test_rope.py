@@ -131,7 +131,7 @@ def test_reference_backward_is_inverse_rotation():
 @pytest.mark.parametrize("head_dim", [6, 24, 96, 128])
 @pytest.mark.parametrize("heads", [(4, 2), (3, 3)], ids=["gqa_4_2", "mha_3_3"])
 @pytest.mark.parametrize("per_row", [False, True], ids=["shared_positions", "per_row_positions"])
-def test_kernel_forward_and_backward_match_truth(triton_backend, device, dtype, head_dim, heads, per_row):
+def test_kernel_forward_and_backward_match_truth(triton_backend, triton_path, device, dtype, head_dim, heads, per_row):
     torch.manual_seed(head_dim)
     q_heads, kv_heads = heads
     qkv, q, k, cos, sin = make_inputs(
@@ -189,7 +189,7 @@ def test_kernel_backward_is_inverse_rotation_of_float64_autograd(triton_backend,
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_kernel_double_backward(triton_backend, device):
+def test_kernel_double_backward(triton_backend, triton_path, device):
     """The backward calls the op itself, so the gradient is differentiable in the incoming
     gradient g: d(R^T g)/dg = R^T, whose vector-Jacobian product with v is R v."""
     torch.manual_seed(2)
@@ -207,7 +207,7 @@ def test_kernel_double_backward(triton_backend, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["contiguous", "heads_first", "head_dim_strided"])
-def test_kernel_other_layouts(triton_backend, device, layout):
+def test_kernel_other_layouts(triton_backend, triton_path, device, layout):
     """Contiguous q/k; q/k viewed from [B, H, T, D] buffers (head stride T*D, seq stride D);
     and head_dim not stride 1 (the launcher copies)."""
     torch.manual_seed(3)
