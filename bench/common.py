@@ -50,19 +50,19 @@ def _cpu_name() -> str:
 
 
 def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
+    """The short commit hash, with ``+dirty`` when tracked files have uncommitted changes."""
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
         return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
+    return f"{commit}+dirty" if git("status", "--porcelain", "--untracked-files=no") else commit
 
 
 def slug(text: str) -> str:

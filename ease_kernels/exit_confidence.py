@@ -36,14 +36,17 @@ class ExitDecision(NamedTuple):
 # Reference
 # ---------------------------------------------------------------------------------------
 def exit_confidence_reference(logits: torch.Tensor, threshold: float | None = None) -> ExitDecision:
-    """``confidence = exp(max(z) - logsumexp(z))`` over the last dimension, in float32.
+    """``confidence = max(softmax(z))`` over the last dimension, in float32.
 
-    ``prediction`` is ``argmax(z)`` (the first maximal index), ``exit`` is
-    ``confidence >= threshold``.
+    ``prediction`` is ``argmax(z)`` (the first maximal index, taken on the logits, which
+    softmax's rounding could tie), ``exit`` is ``confidence >= threshold``.
     """
     logits32 = logits.float()
-    top, prediction = logits32.max(dim=-1)
-    confidence = torch.exp(top - torch.logsumexp(logits32, dim=-1))
+    # Softmax, amax, argmax: 13 µs for one row of 1000 on the CPU against 39 µs for
+    # max + logsumexp + exp (a decode step is bound by such per-op costs), and 10-20% less
+    # at 2048 x 1000 and 256 x 32000.
+    confidence = torch.softmax(logits32, dim=-1).amax(dim=-1)
+    prediction = logits32.argmax(dim=-1)
     exit = None if threshold is None else confidence >= threshold
     return ExitDecision(confidence, prediction, exit)
 
@@ -191,7 +194,6 @@ def _exit_confidence_triton(logits: torch.Tensor, threshold: float | None) -> Ex
 # ---------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------
-@torch.no_grad()
 def exit_confidence(logits: torch.Tensor, threshold: float | None = None) -> ExitDecision:
     """Top-1 softmax probability, argmax and exit decision of ``logits`` ``[..., vocab]``.
 
@@ -215,6 +217,7 @@ def exit_confidence(logits: torch.Tensor, threshold: float | None = None) -> Exi
     threshold = check_threshold(threshold)
     if logits.dim() == 0 or logits.shape[-1] == 0:
         raise ValueError(f"logits must be [..., vocab] with vocab >= 1, got {tuple(logits.shape)}")
+    logits = logits.detach()  # a decision, not a loss (cheaper than a no_grad context per call)
     if use_triton(logits):
         return _exit_confidence_triton(logits, threshold)
     return exit_confidence_reference(logits, threshold)

@@ -250,6 +250,17 @@ def test_op_without_threshold_exits_nothing(triton_backend, device):
 # ---------------------------------------------------------------------------------------
 # Argument errors (raised before dispatch, so the same on every backend)
 # ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+def test_no_gradient_flows(backend_name):
+    """A decision, not a loss: logits that require grad give outputs that do not."""
+    if backend_name == "triton" and not ease_kernels.triton_available():
+        pytest.skip("Triton is not installed")
+    logits = torch.randn(3, 50, device=DEVICES[-1], requires_grad=True)
+    with ease_kernels.backend(backend_name):
+        decision = exit_confidence(logits, 0.5)
+    assert not decision.confidence.requires_grad and decision.confidence.grad_fn is None
+
+
 def test_integer_logits_are_rejected():
     with pytest.raises(TypeError, match=r"^logits must have a floating dtype"):
         exit_confidence(torch.zeros(2, 5, dtype=torch.int64))
