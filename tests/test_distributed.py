@@ -28,15 +28,13 @@ import math
 import os
 import re
 import shutil
-import subprocess
-import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 import _distributed_worker as worker
+from _torchrun import died_of_a_signal, run_torchrun
 from ease import DeepSupervisionTransformer, Trainer, TrainingConfig
 from ease.checkpoint import read_checkpoint
 from ease.distributed import (
@@ -51,57 +49,23 @@ from ease.distributed import (
 REPO = Path(__file__).resolve().parent.parent
 LOSS_REL = 1e-6  # float32 sums in another order, see the module docstring
 WEIGHTS = {"rtol": 1e-5, "atol": 1e-6}  # SGD passes gradient rounding through unamplified
-LAUNCH_TIMEOUT = 240  # seconds; a launch takes about 10 s on two cores
-
-# A launch whose first failing rank was killed by a signal, not by a Python error, is
-# relaunched once. In one CI run on a loaded two-core machine, rank 0 of the FSDP2 launch
-# aborted inside PyTorch's C++ code ("terminate called without an active exception": a
-# std::thread destroyed while still joinable); about 60 launches since, alone, two at a time
-# and beside the test suite, did not repeat it. A Python error fails at once, and so does a
-# second signal death.
-ROOT_CAUSE_EXIT_CODE = re.compile(r"Root Cause.*?exitcode\s*:\s*(-?\d+)", re.DOTALL)
-
-
-def died_of_a_signal(torchrun_stderr: str) -> bool:
-    """True when the rank torchrun names as the root cause was killed by a signal (code < 0).
-
-    A Python error exits with 1; the other ranks then fail in turn (a closed connection, or
-    torchrun's SIGTERM), but the root cause torchrun reports is the first failure.
-    """
-    found = ROOT_CAUSE_EXIT_CODE.search(torchrun_stderr)
-    return found is not None and int(found.group(1)) < 0
 
 
 def launch(mode: str, loss_path: str, out: Path) -> None:
-    """Run the worker under ``torchrun --nproc_per_node=2`` and fail with its output if it fails."""
-    environment = dict(os.environ)
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        environment.pop(name, None)
-    environment.update(
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), environment.get("PYTHONPATH")])),
-        OMP_NUM_THREADS="1",
-        TRITON_INTERPRET=environment.get("TRITON_INTERPRET", "1"),
-    )
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        str(REPO / "tests" / "_distributed_worker.py"), mode, str(out), loss_path,
-    ]  # fmt: skip
-    for attempt in (1, 2):
-        completed = subprocess.run(
-            command, env=environment, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=REPO
-        )
-        if completed.returncode == 0:
-            return
-        logs = "".join(
-            f"\n--- {path.name}\n{path.read_text()[-3000:]}" for path in sorted(out.glob("rank*.log"))
-        )
-        failure = f"torchrun {mode} failed ({completed.returncode}):\n{completed.stderr[-6000:]}{logs}"
-        # Only a rank killed by a signal, and only once; the first failure stays visible.
-        if attempt == 2 or not died_of_a_signal(completed.stderr):
-            pytest.fail(failure)
-        warnings.warn(f"relaunching after a rank died of a signal; first launch:\n{failure}", stacklevel=1)
+    """Run the worker under torchrun in ``out``; fail with its output and the ranks' logs."""
+
+    def rank_logs() -> str:
+        return "".join(f"\n--- {path.name}\n{path.read_text()[-3000:]}" for path in sorted(out.glob("rank*.log")))
+
+    def start_afresh() -> None:
         shutil.rmtree(out)
         out.mkdir()
+
+    run_torchrun(
+        [str(REPO / "tests" / "_distributed_worker.py"), mode, str(out), loss_path],
+        describe_failure=rank_logs,
+        before_retry=start_afresh,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -8,17 +8,15 @@ torchrun test checks that two ranks print one table and that rank 0 alone writes
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import pytest
+from _torchrun import environment, run_torchrun
 from ease import Trainer, TrainingConfig, experiments
 from ease.data import load_data, load_default_text
 from ease.models import load_model
 
-REPO = Path(__file__).resolve().parent.parent
 THRESHOLDS = (0.05, 0.3, 0.6, 0.99)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -150,19 +148,12 @@ def test_bad_thresholds_flag_names_the_flag(capsys) -> None:
 
 
 def test_under_torchrun_rank_zero_alone_prints_and_writes(corpus, tmp_path) -> None:
-    environment = dict(os.environ)
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        environment.pop(name, None)
-    environment.update(
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), environment.get("PYTHONPATH")])),
-        OMP_NUM_THREADS="1",
-        EASE_CACHE_DIR=str(tmp_path / "cache"),
-    )
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "ease.experiments", *tiny_flags(corpus, out)]  # fmt: skip
-    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    completed = run_torchrun(
+        ["-m", "ease.experiments", *tiny_flags(corpus, out)],
+        env=environment(EASE_CACHE_DIR=str(tmp_path / "cache")),
+        before_retry=lambda: shutil.rmtree(out, ignore_errors=True),
+    )
     assert completed.stdout.count("| unigram baseline |") == 1, completed.stdout
     assert completed.stdout.count("wrote ") == 1
     results = json.loads((out / "results.json").read_text())
