@@ -13,11 +13,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _current_umask() -> int:
+    # os.umask can only be read by setting it; done once, at import, before any threads.
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates its file 0600; the published file gets the mode open() would give it.
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` on success.
 
-    On an exception the temporary file is removed and ``target`` is left untouched.
+    The published file has the permissions a plain ``open(target, "w")`` would give it
+    (``0o666`` less the umask), not the owner-only ones of a temporary file. On an
+    exception the temporary file is removed and ``target`` is left untouched.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -26,6 +39,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
