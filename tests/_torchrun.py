@@ -6,8 +6,8 @@ a time limit, and one relaunch when a rank dies of a signal.
 
 The relaunch: in one CI run on a two-core machine, rank 0 of an FSDP2 launch aborted
 inside PyTorch's C++ code ("terminate called without an active exception": a std::thread
-destroyed while still joinable); about 60 launches since, alone, two at a time and beside
-the test suite, did not repeat it. A launch whose first failing rank was killed by a
+destroyed while still joinable); 69 launches since (31 alone, 38 two at a time) and those
+of several test runs did not repeat it. A launch whose first failing rank was killed by a
 signal is therefore run once more, with the first failure kept as a warning. A Python
 error fails at once (its rank exits with 1), and so does a second signal death.
 """
