@@ -1,4 +1,5 @@
-"""Atomic file writes: a temporary file in the target's folder, then a rename.
+"""File output: atomic writes (a temporary file in the target's folder, then a rename)
+and JSON-ready values.
 
 A crash or an interrupt mid-write leaves the previous file (or none) under the real
 name, never a truncated one: ``os.replace`` is atomic on POSIX and Windows.
@@ -53,3 +54,13 @@ def atomic_write_text(target: str | os.PathLike, text: str) -> Path:
             handle.flush()
             os.fsync(handle.fileno())  # the bytes are on disk before the rename publishes them
     return Path(target)
+
+
+def jsonable(value: object) -> object:
+    """``value`` with every dict key a string (JSON has no integer keys), recursively;
+    tuples become lists."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value

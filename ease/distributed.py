@@ -329,9 +329,7 @@ def wrap_model(model: nn.Module, context: DistributedContext, find_unused_parame
     fully_shard, _ = _fsdp()
     from torch.distributed.device_mesh import init_device_mesh
 
-    with torch.no_grad():
-        for tensor in model.state_dict().values():
-            dist.broadcast(tensor, src=0)
+    _broadcast_from_rank0(model)
     mesh = init_device_mesh(context.device.type, (context.world_size,))
     for block in model.layers:
         fully_shard(block, mesh=mesh)
@@ -482,9 +480,14 @@ def load_full_model_state_dict(
     if context.is_main or not context.enabled:
         model.load_state_dict(state)
     if context.enabled:
-        with torch.no_grad():
-            for tensor in model.state_dict().values():
-                dist.broadcast(tensor, src=0)
+        _broadcast_from_rank0(model)
+
+
+def _broadcast_from_rank0(model: nn.Module) -> None:
+    """Every rank's parameters and buffers become rank 0's, in place."""
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
 
 
 def full_optimizer_state_dict(
@@ -511,7 +514,7 @@ def load_full_optimizer_state_dict(
     """Load :func:`full_optimizer_state_dict`'s result (held by rank 0) on every rank (collective)."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    given = copy.copy(dict(state)) if (context.is_main or not context.enabled) else {}
+    given = dict(state) if (context.is_main or not context.enabled) else {}
     set_optimizer_state_dict(model, optimizer, given, options=_dcp_options(context, True))
 
 

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ease._io import atomic_path, atomic_write_text
+from ease._io import atomic_path, atomic_write_text, jsonable
 from ease.config import TrainingConfig, create_deep_supervision_config, create_standard_config
 from ease.data import load_data, set_seed, unigram_baseline
 from ease.distributed import setup_distributed
@@ -132,7 +132,8 @@ def run_experiments(settings: ExperimentSettings) -> dict:
             verbose=settings.verbose,
         )
         seconds = time.perf_counter() - start
-        stats = trainer.evaluate(model, data.val_batches)
+        # The restored weights are the best epoch's, evaluated already during training.
+        stats = next(h["val"] for h in stopping.history if h["epoch"] == stopping.best_epoch)
         sweep = []
         if model.supports_early_exit:
             for threshold in settings.thresholds:
@@ -143,11 +144,11 @@ def run_experiments(settings: ExperimentSettings) -> dict:
             data.tokenizer.save(str(out / "models" / name / "tokenizer.json"))
         results["runs"][name] = {
             "model_class": model_cls.__name__,
-            "layer_weights": {str(k): v for k, v in (config.layer_weights or {}).items()},
-            "layer_lr_scales": {str(k): v for k, v in (config.layer_lr_scales or {}).items()},
+            "layer_weights": jsonable(config.layer_weights or {}),
+            "layer_lr_scales": jsonable(config.layer_lr_scales or {}),
             "train_seconds": seconds,
             "early_stopping": stopping.as_dict(),
-            "evaluation": _jsonable(stats),
+            "evaluation": jsonable(stats),
             "threshold_sweep": sweep,
         }
     table = results_table(results)
@@ -157,15 +158,6 @@ def run_experiments(settings: ExperimentSettings) -> dict:
         atomic_write_text(out / "results.md", table)
         plot_results(results, out)
     return results
-
-
-def _jsonable(value):
-    """Dict keys as strings (JSON has no integer keys), recursively."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def results_table(results: dict) -> str:
@@ -224,10 +216,7 @@ def plot_results(results: dict, out: Path) -> list[Path]:
     ax.axhline(results["unigram_baseline"]["loss"], color="grey", lw=0.8, label="unigram baseline")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss (nats/token)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(_save_figure(fig, out / "loss_curves.png"))
-    plt.close(fig)
+    written.append(_save_figure(fig, ax, out / "loss_curves.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     num_layers = results["settings"]["num_layers"]
@@ -240,16 +229,19 @@ def plot_results(results: dict, out: Path) -> list[Path]:
     ax.set_xlabel("mean layers used per token")
     ax.set_ylabel("next-token accuracy")
     ax.set_title("early exit: accuracy against computation (threshold sweep)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(_save_figure(fig, out / "exit_tradeoff.png"))
-    plt.close(fig)
+    written.append(_save_figure(fig, ax, out / "exit_tradeoff.png"))
     return written
 
 
-def _save_figure(fig, path: Path) -> Path:
+def _save_figure(fig, ax, path: Path) -> Path:
+    """Add the legend, write ``path`` atomically and close the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=7)
+    fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
     return path
 
 

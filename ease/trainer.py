@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import numbers
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -44,7 +43,7 @@ from ease.checkpoint import (
 )
 from ease.checkpoint import load_checkpoint as _load_checkpoint
 from ease.checkpoint import save_checkpoint as _save_checkpoint
-from ease.config import TrainingConfig
+from ease.config import TrainingConfig, _is_int, _is_real
 from ease.data import set_seed, split_batch
 
 IGNORE_INDEX = -100
@@ -52,14 +51,6 @@ IGNORE_INDEX = -100
 
 # A batch as train_epoch and evaluate take it: [B, T + 1] ids, or an (inputs, targets) pair of [B, T].
 Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _perplexity(loss: float) -> float:
@@ -500,10 +491,14 @@ class Trainer:
                 # One host sync per step reads the losses and the gradient norm.
                 values = torch.cat(checks).tolist()
                 step_loss = values[0] / max(tokens, 1)
-                step_layers = {layer: torch.tensor(values[1 + i] / max(tokens, 1)) for i, layer in enumerate(active)}
-                if not math.isfinite(step_loss):
-                    raise FloatingPointError(self._non_finite_message(step, step_loss, step_layers))
-                if grad_clip is not None and not math.isfinite(values[-1]):
+                bad_loss = not math.isfinite(step_loss)
+                if bad_loss or (grad_clip is not None and not math.isfinite(values[-1])):
+                    # Only a failing step pays for the per-layer figures its message names.
+                    step_layers = {
+                        layer: torch.tensor(values[1 + i] / max(tokens, 1)) for i, layer in enumerate(active)
+                    }
+                    if bad_loss:
+                        raise FloatingPointError(self._non_finite_message(step, step_loss, step_layers))
                     raise FloatingPointError(
                         f"non-finite gradient norm {values[-1]} at step {step} (loss {step_loss:.4f} was finite; "
                         f"per-layer losses {self._format_layers(step_layers)})"

@@ -128,6 +128,20 @@ def _rms_norm_fwd_fused(
 
 
 @jit
+def _load_xhat_dy_w(
+    X, DY, W,  # as in the backward kernel below
+    row, stride_x, stride_dy, rstd,
+    cols,  # column indices of this chunk
+    mask,  # cols < n_cols
+):
+    """One chunk of a row for the looping backward, in float32: ``(xhat, dy, w)``."""
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    return x * rstd, dy, w
+
+
+@jit
 def _rms_norm_bwd_dx_fused(
     DY,  # gradient wrt y [n_rows, n_cols], unit column stride
     DS,  # gradient wrt the returned s, unit column stride (read only when HAS_DS)
@@ -162,18 +176,13 @@ def _rms_norm_bwd_dx_fused(
             for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < n_cols
-                x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-                dy_w_xhat += dy * w * (x * rstd)
+                xhat, dy, w = _load_xhat_dy_w(X, DY, W, row, stride_x, stride_dy, rstd, cols, mask)
+                dy_w_xhat += dy * w * xhat
             c = tl.sum(dy_w_xhat, axis=0) / n_cols
             for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < n_cols
-                x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-                xhat = x * rstd
+                xhat, dy, w = _load_xhat_dy_w(X, DY, W, row, stride_x, stride_dy, rstd, cols, mask)
                 dx = rstd * (dy * w - xhat * c)
                 if HAS_DS:
                     dx += tl.load(DS + row * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from ease._io import jsonable  # evaluation dicts have int layer keys
+
 VOCAB = 50
 LAYERS = 3
 SGD_LR = 0.1
@@ -92,15 +94,6 @@ def build(mode: str, checkpoint_dir: str | None, fused_loss: bool, accumulation:
 def without_seconds(epoch: dict) -> dict:
     """A history entry without its wall time, which no two runs share."""
     return {k: v for k, v in epoch.items() if k != "seconds"}
-
-
-def jsonable(value):
-    """Evaluation dicts have int layer keys; JSON would turn them into strings anyway."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return value
 
 
 def sgd(trainer, model):
