@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 import ease_kernels
-from bench.common import environment, markdown_table, time_fn, write_results
+from bench.common import default_device, environment, markdown_table, time_fn, write_results
 
 IGNORE_INDEX = -100
 MIB = 2**20
@@ -303,7 +303,7 @@ def main(argv=None) -> int:
         print(json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device) if args.device else default_device()
     cuda = device.type == "cuda"
     args.device = str(device)
     args.tokens = args.tokens or (8192 if cuda else 2048)

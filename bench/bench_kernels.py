@@ -40,6 +40,7 @@ import torch
 import ease_kernels
 from bench.common import (
     copy_bandwidth_gbs,
+    default_device,
     environment,
     markdown_header,
     markdown_table,
@@ -439,7 +440,7 @@ def _log(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     dtype = DTYPES[args.dtype]
     cuda = device.type == "cuda"
     notes: list[str] = []

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import ease_kernels
-from bench.common import environment
+from bench.common import _atomic_write, environment
 from ease import DeepSupervisionTransformer
 
 
@@ -66,9 +66,7 @@ def main(argv=None) -> int:
         environment=environment(),
     )
     print(json.dumps(results, indent=2))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "compile-check.json"), "w") as handle:
-        json.dump(results, handle, indent=2)
+    _atomic_write(Path(args.out) / "compile-check.json", json.dumps(results, indent=2))
     ok = results["graph_breaks"] == 0 and results["worst_gradient_relative_difference"] < 2e-2
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1

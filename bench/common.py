@@ -17,13 +17,14 @@ import platform
 import re
 import statistics
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ease._io import atomic_write_text as _atomic_write  # result files are written atomically
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -228,20 +229,6 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column] | N
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(key)) for key, _ in pairs) + " |")
     return "\n".join(lines)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _json_default(value: Any) -> Any:

@@ -11,7 +11,6 @@ needs the model's depth (layer numbers, exits below the last layer of a
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,18 +18,12 @@ from typing import Any
 
 from torch import nn
 
+from ease_kernels._validation import is_int as _is_int
+from ease_kernels._validation import is_real as _is_real
+
 
 # ease.distributed.DISTRIBUTED_MODES, repeated so that the config imports no torch.distributed.
 _DISTRIBUTED_MODES = ("auto", "ddp", "fsdp", "none")
-
-
-def _is_int(value: object) -> bool:
-    # bool is a subclass of int, but ``{True: 1.0}`` is a mistake, never a layer number.
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _check_layer_dict(name: str, value: object, positive: bool) -> dict[int, float] | None:

@@ -43,7 +43,9 @@ from ease.checkpoint import (
 )
 from ease.checkpoint import load_checkpoint as _load_checkpoint
 from ease.checkpoint import save_checkpoint as _save_checkpoint
-from ease.config import TrainingConfig, _is_int, _is_real
+from ease.config import TrainingConfig
+from ease_kernels._validation import is_int as _is_int
+from ease_kernels._validation import is_real as _is_real
 from ease.data import set_seed, split_batch
 
 IGNORE_INDEX = -100

@@ -85,7 +85,19 @@ def persistent_programs(n_rows: int, device: torch.device) -> int:
     per-column sum, reduced afterwards) thereby keep that buffer small and deterministic.
     """
     if device.type == "cuda":
-        programs = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        programs = PROGRAMS_PER_SM * _sm_count(device)
     else:
         programs = PROGRAMS_WITHOUT_CUDA
     return max(1, min(n_rows, programs))
+
+
+# Streaming multiprocessors per CUDA device index, looked up once: the property call costs
+# microseconds of Python, on every backward otherwise.
+_SM_COUNTS: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]

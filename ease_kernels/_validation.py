@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def is_int(value: object) -> bool:
+    """An integer, not a bool (``{True: 1.0}`` is a mistake, never a layer number)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: object) -> bool:
+    """A real number, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_tensor(name: str, value: object) -> torch.Tensor:

@@ -24,7 +24,6 @@ fusion for the inference-time confidence check.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -32,9 +31,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ease_kernels._launch import jit, row_block, tl
-from ease_kernels._validation import check_float, check_tensor, check_threshold
+from ease_kernels._validation import check_float, check_tensor, check_threshold, is_real
 from ease_kernels.dispatch import use_triton
-from ease_kernels.exit_confidence import ExitDecision, _online_softmax_row, exit_confidence
+from ease_kernels.exit_confidence import _VOCAB_BLOCK, ExitDecision, _online_softmax_row, exit_confidence
 from ease_kernels.rms_norm import rms_norm, rms_norm_bwd, rms_norm_fwd
 
 IGNORE_INDEX = -100
@@ -193,9 +192,6 @@ def _cross_entropy_fwd_bwd_fused(
 # ---------------------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------------------
-# Lanes per step of the vocabulary loop: each lane keeps (m, s, a) in registers, as in the
-# exit-confidence kernel; 4096 fit 8 warps without spilling, longer rows loop.
-_VOCAB_BLOCK = 4096
 
 
 def cross_entropy_chunk(
@@ -397,10 +393,6 @@ class _ExitHeadLossFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _check_head(norm_weight: object, head_weight: object, eps: object) -> tuple[int, int]:
     """``(vocab, dim)`` of a valid exit head; raises naming the bad argument."""
     check_float("norm_weight", norm_weight)
@@ -415,7 +407,7 @@ def _check_head(norm_weight: object, head_weight: object, eps: object) -> tuple[
         )
     if norm_weight.device != head_weight.device:
         raise ValueError(f"norm_weight is on {norm_weight.device} but head_weight is on {head_weight.device}")
-    if not _is_real(eps) or not eps >= 0:
+    if not is_real(eps) or not eps >= 0:
         raise ValueError(f"eps must be a number >= 0, got {eps!r}")
     return vocab, dim
 
@@ -466,7 +458,7 @@ def _exit_head_loss(
             f"layer_weights must have one weight per hidden state ({len(hidden)}), got {len(layer_weights)}"
         )
     for i, weight in enumerate(layer_weights):
-        if not _is_real(weight) or not (math.isfinite(weight) and weight >= 0):
+        if not is_real(weight) or not (math.isfinite(weight) and weight >= 0):
             raise ValueError(f"layer_weights[{i}] must be a finite number >= 0, got {weight!r}")
     weights = [float(w) for w in layer_weights]
     check_tensor("targets", targets)
