@@ -151,8 +151,11 @@ class _Slots:
         )
 
     @classmethod
-    def per_row(cls, model: EarlyExitDecoder, positions: torch.Tensor, rows: torch.Tensor, kv_len: int) -> _Slots:
-        """Row ``i`` (cache row ``rows[i]``) at ``positions[i]``; ``kv_len`` = max position + 1."""
+    def per_row(
+        cls, model: EarlyExitDecoder, positions: torch.Tensor, rows: torch.Tensor | None, kv_len: int
+    ) -> _Slots:
+        """Row ``i`` (cache row ``rows[i]``; row ``i`` itself when ``rows`` is None) at
+        ``positions[i]``; ``kv_len`` = max position + 1."""
         keys = torch.arange(kv_len, device=positions.device)
         mask = (keys <= positions[..., None]).unsqueeze(1)  # (n, 1, T, S)
         return cls(rows, positions, 0, kv_len, model.rope_cos[positions], model.rope_sin[positions], mask, False)
@@ -223,9 +226,11 @@ class KVCache:
             keys[:, slots.start : end].index_copy_(0, slots.rows, k)
             values[:, slots.start : end].index_copy_(0, slots.rows, v)
         else:
-            where = (slots.rows[:, None], slots.positions)
+            where = (self._row_index(slots, k.shape[0])[:, None], slots.positions)
             keys.index_put_(where, k)
             values.index_put_(where, v)
+            if slots.rows is None:
+                return keys[:, : slots.kv_len], values[:, : slots.kv_len]
         return (
             keys[:, : slots.kv_len].index_select(0, slots.rows),
             values[:, : slots.kv_len].index_select(0, slots.rows),
@@ -234,10 +239,18 @@ class KVCache:
     def store_from_layer(self, first: int, slots: _Slots, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k``, ``v`` ``(num_layers - first, n, kv_heads, head_dim)`` in layers
         ``first..`` (0-based) at one position per row (``slots`` with ``T = 1``)."""
-        rows = slice(None) if slots.rows is None else slots.rows
-        position = slots.start if slots.positions is None else slots.positions[:, 0]
+        if slots.positions is None:
+            rows, position = slice(None) if slots.rows is None else slots.rows, slots.start
+        else:
+            # Two index tensors pair up row by row (a slice beside one would cross them).
+            rows, position = self._row_index(slots, k.shape[1]), slots.positions[:, 0]
         self.keys[first:, rows, position] = k
         self.values[first:, rows, position] = v
+
+    @staticmethod
+    def _row_index(slots: _Slots, n: int) -> torch.Tensor:
+        """The cache rows of ``slots`` as an index tensor: ``0..n-1`` when it covers all rows."""
+        return torch.arange(n, device=slots.positions.device) if slots.rows is None else slots.rows
 
 
 # ---------------------------------------------------------------------------------------
@@ -497,7 +510,6 @@ def _generate_early_exit(
     new_tokens[:, 0], exit_layers[:, 0] = _first_token(model, states, threshold, min_exit_layer, sampler)
     propagate = _StatePropagation(model) if threshold is not None else None
     same_length = len(set(lengths)) == 1
-    rows = torch.arange(batch, device=device)
     first_positions = torch.tensor(lengths, device=device)[:, None]  # (B, 1)
     spent = 0
     for step in range(1, max_new_tokens):
@@ -505,7 +517,7 @@ def _generate_early_exit(
         if same_length:
             slots = _Slots.shared(model, longest + step - 1, 1)
         else:
-            slots = _Slots.per_row(model, first_positions + (step - 1), rows, longest + step)
+            slots = _Slots.per_row(model, first_positions + (step - 1), None, longest + step)
         new_tokens[:, step], exit_layers[:, step], blocks = _early_exit_step(
             model, new_tokens[:, step - 1], slots, cache, threshold, min_exit_layer, sampler, propagate
         )
@@ -553,7 +565,6 @@ def _generate_speculative(
         starts = [position[b] for b in active]
         shared = len(set(starts)) == 1
         if not shared:
-            rows_all = torch.arange(batch, device=device) if rows is None else rows
             first = torch.tensor(starts, device=device)[:, None]  # (n, 1)
         token = last if rows is None else last[rows]
         states, drafts, draft_logits = [], [], []
@@ -562,7 +573,7 @@ def _generate_speculative(
             if shared:
                 slots = _Slots.shared(model, starts[0] + i, 1, rows)
             else:
-                slots = _Slots.per_row(model, first + i, rows_all, max(starts) + i + 1)
+                slots = _Slots.per_row(model, first + i, rows, max(starts) + i + 1)
             x = _run_blocks(model, model.embed(token)[:, None], slots, cache, 0, draft_layers)
             states.append(x)
             if i == k:
@@ -590,7 +601,7 @@ def _generate_speculative(
             slots = _Slots.shared(model, starts[0], drafted_count + 1, rows)
         else:
             positions = first + torch.arange(drafted_count + 1, device=device)
-            slots = _Slots.per_row(model, positions, rows_all, max(starts) + drafted_count + 1)
+            slots = _Slots.per_row(model, positions, rows, max(starts) + drafted_count + 1)
         hidden = _run_blocks(model, torch.cat(states, 1), slots, cache, draft_layers, num_layers)
         if drafts:
             drafted = torch.stack(drafts, 1)  # (n, drafted_count)
