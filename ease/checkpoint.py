@@ -230,6 +230,7 @@ def save_checkpoint(
     *,
     context: DistributedContext | None = None,
     generators: Sequence[torch.Generator] = (),
+    model_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint of ``model``, ``optimizer``, the trainer's progress and every RNG.
 
@@ -246,6 +247,10 @@ def save_checkpoint(
         context: the run's :class:`~ease.distributed.DistributedContext`; ``None`` is one
             process.
         generators: data-loader generators to save with the RNG states.
+        model_state: ``model``'s full state dict when the caller gathered it already
+            (rank 0's; ignored elsewhere), e.g. the best state just taken from the same
+            weights: it is not gathered again, and tensors it shares with
+            ``trainer_state`` are written once. ``None``: gathered here.
 
     Returns:
         ``path`` as a ``Path``.
@@ -256,7 +261,8 @@ def save_checkpoint(
     """
     context = context or DistributedContext()
     path = Path(path)
-    model_state = dist_utils.full_model_state_dict(model, context)
+    if model_state is None:
+        model_state = dist_utils.full_model_state_dict(model, context)
     optimizer_state = (
         dist_utils.full_optimizer_state_dict(model, optimizer, context) if optimizer is not None else None
     )

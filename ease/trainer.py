@@ -846,7 +846,11 @@ class Trainer:
                 progress.epochs_without_improvement += 1
             progress.epoch = epoch
             if checkpoint_path is not None:
-                self.save_checkpoint(checkpoint_path, model, optimizer)
+                # After an improving epoch the best state is the model's state, gathered
+                # just above: the checkpoint takes it rather than gathering it again.
+                self._write_checkpoint(
+                    checkpoint_path, model, optimizer, model_state=(progress.best_state or {}) if improved else None
+                )
             if verbose_here:
                 tqdm.write(
                     f"epoch {epoch:3d} | train {train_loss:.4f} | val objective {val_loss:.4f} | "
@@ -911,10 +915,21 @@ class Trainer:
             OSError: the write failed (the previous checkpoint is kept).
         """
         model, optimizer = self._model_and_optimizer(model, optimizer)
+        return self._write_checkpoint(path, model, optimizer)
+
+    def _write_checkpoint(
+        self,
+        path: str | os.PathLike,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        model_state: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
+        # model_state: the model's full state dict when the caller holds it already.
         self._layer_weights(model)
         self._wrap(model)
         return _save_checkpoint(
-            path, model, optimizer, self.progress, context=self.distributed, generators=self._generators
+            path, model, optimizer, self.progress, context=self.distributed, generators=self._generators,
+            model_state=model_state,
         )
 
     def load_checkpoint(

@@ -159,6 +159,19 @@ def test_checkpoint_holds_everything_to_resume(tmp_path: Path) -> None:
     assert_equal_states(read_checkpoint(again)["model"], model.state_dict())
 
 
+def test_an_improving_epoch_writes_its_weights_once(tmp_path: Path) -> None:
+    """After an improving epoch the model's state is the best state: the checkpoint stores
+    one copy of the tensors (shared storage), not a second gather of the same weights."""
+    trainer, model, optimizer = make(tmp_path)
+    result = trainer.train_with_early_stopping(model, shuffled_loader(), VAL, optimizer, max_epochs=1, patience=3)
+    assert result.best_epoch == 1  # the first epoch always improves on inf
+    payload = read_checkpoint(tmp_path / CHECKPOINT_NAME)
+    best = payload["trainer"]["best_state"]
+    for name, tensor in payload["model"].items():
+        assert tensor.untyped_storage().data_ptr() == best[name].untyped_storage().data_ptr(), name
+    assert_equal_states(payload["model"], model.state_dict())
+
+
 def test_rng_state_round_trip() -> None:
     generator = torch.Generator().manual_seed(3)
     state = capture_rng_state([generator])
