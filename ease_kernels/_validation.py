@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -43,3 +44,17 @@ def check_threshold(threshold: float | None) -> float | None:
     if not 0.0 < float(threshold) <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     return float(threshold)
+
+
+def check_eps(eps: object) -> float:
+    """The epsilon of an RMSNorm: a finite real number ``>= 0`` (Python or NumPy; not a bool).
+
+    Returns it as a Python float. Raises ``TypeError`` for a non-number (``None``, a string,
+    a tensor) or a bool, ``ValueError`` for a negative, infinite or NaN number; both name
+    ``eps`` and what was expected.
+    """
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a finite real number >= 0, got {type(eps).__name__} {eps!r}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite real number >= 0, got {eps!r}")
+    return float(eps)

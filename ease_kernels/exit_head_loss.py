@@ -31,7 +31,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ease_kernels._launch import jit, row_block, tl
-from ease_kernels._validation import check_float, check_tensor, check_threshold, is_real
+from ease_kernels._validation import check_eps, check_float, check_tensor, check_threshold, is_real
 from ease_kernels.dispatch import use_triton
 from ease_kernels.exit_confidence import _VOCAB_BLOCK, ExitDecision, _online_softmax_row, exit_confidence
 from ease_kernels.rms_norm import rms_norm, rms_norm_bwd, rms_norm_fwd
@@ -407,8 +407,7 @@ def _check_head(norm_weight: object, head_weight: object, eps: object) -> tuple[
         )
     if norm_weight.device != head_weight.device:
         raise ValueError(f"norm_weight is on {norm_weight.device} but head_weight is on {head_weight.device}")
-    if not is_real(eps) or not eps >= 0:
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    check_eps(eps)
     return vocab, dim
 
 

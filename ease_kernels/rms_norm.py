@@ -13,7 +13,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ease_kernels._launch import jit, persistent_programs, row_block, tl
-from ease_kernels._validation import check_float
+from ease_kernels._validation import check_eps, check_float
 from ease_kernels.dispatch import use_triton
 
 
@@ -460,8 +460,9 @@ def rms_norm(
 
     Raises:
         TypeError: a non-floating ``x``, ``weight`` or ``residual``.
+        TypeError: ``eps`` not a real number (or a bool).
         ValueError: ``weight`` not of shape ``[x.shape[-1]]``, ``residual`` of another
-            shape than ``x``, or ``eps`` negative.
+            shape than ``x``, or ``eps`` negative, infinite or NaN.
     """
     check_float("x", x)
     check_float("weight", weight)
@@ -483,8 +484,7 @@ def rms_norm(
             # autocast): promote both, as ``x + residual`` would; the casts carry gradients back.
             common = torch.promote_types(x.dtype, residual.dtype)
             x, residual = x.to(common), residual.to(common)
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    eps = check_eps(eps)
     if use_triton(x):
-        return _rms_norm_triton(x, weight, float(eps), residual)
+        return _rms_norm_triton(x, weight, eps, residual)
     return rms_norm_reference(x, weight, eps, residual)

@@ -355,7 +355,7 @@ def _bad(case: str):
         ("hidden tensor", TypeError, "hidden_states must be a non-empty list or tuple"),
         ("norm_weight", ValueError, r"norm_weight must have shape \(24,\)"),
         ("head_weight", ValueError, "head_weight must be \\[vocab, hidden\\]"),
-        ("eps", ValueError, "eps must be a number >= 0"),
+        ("eps", ValueError, r"eps must be a finite real number >= 0, got -1.0"),
         ("chunk_size", ValueError, "chunk_size must be an integer >= 1"),
     ],
 )

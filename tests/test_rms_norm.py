@@ -15,6 +15,7 @@ denominator is therefore at least ``max |rstd * dy * w|``, the size of the terms
 
 import importlib
 
+import numpy as np
 import pytest
 import torch
 from conftest import KERNEL_DEVICES
@@ -389,3 +390,26 @@ def test_residual_of_another_dtype_promotes_like_addition(backend_name):
     (y.sum() + s.sum()).backward()
     assert x.grad.dtype == torch.bfloat16 and residual.grad.dtype == torch.float32
     torch.testing.assert_close(x.grad.float(), residual.grad.to(torch.bfloat16).float())
+
+
+@pytest.mark.parametrize(
+    "eps, error, match",
+    [
+        (None, TypeError, r"^eps must be a finite real number >= 0, got NoneType None"),
+        (True, TypeError, r"^eps must be a finite real number >= 0, got bool True"),
+        ("1e-6", TypeError, r"^eps must be a finite real number >= 0, got str '1e-6'"),
+        (-1e-6, ValueError, r"^eps must be a finite real number >= 0, got -1e-06"),
+        (float("nan"), ValueError, r"^eps must be a finite real number >= 0, got nan"),
+        (float("inf"), ValueError, r"^eps must be a finite real number >= 0, got inf"),
+    ],
+)
+def test_bad_eps_names_eps_and_what_was_expected(eps, error, match):
+    """eps is checked once, before dispatch: the same verdict on every backend."""
+    with pytest.raises(error, match=match):
+        rms_norm(torch.ones(2, 4), torch.ones(4), eps)
+
+
+@pytest.mark.parametrize("eps", [0, 1e-5, np.float32(1e-5), np.float64(1e-6), np.int64(0)], ids=repr)
+def test_eps_accepts_real_numbers_numpy_included(eps):
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(rms_norm(x, torch.ones(4), eps), rms_norm_reference(x, torch.ones(4), float(eps)))
