@@ -15,7 +15,8 @@ from ease.models import (
     load_model,
 )
 from ease.hf_llama import from_hf_llama, to_hf_llama
-from ease.trainer import IGNORE_INDEX, EarlyStoppingResult, Trainer
+from ease.data import IGNORE_INDEX
+from ease.training import EarlyStoppingResult, Trainer
 from ease.calibration import CalibrationResult, calibrate_threshold
 from ease.generation import GenerationOutput, KVCache
 

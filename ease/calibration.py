@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import ease_kernels
-from ease.data import split_batch
-from ease.trainer import IGNORE_INDEX
+from ease.data import IGNORE_INDEX, split_batch
+from ease.exits import DEFAULT_THRESHOLDS, ExitRule, first_exit_layer
+from ease.validation import check_real, check_threshold
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -33,12 +34,6 @@ if TYPE_CHECKING:
     from ease.models import EarlyExitDecoder
 
 __all__ = ["DEFAULT_THRESHOLDS", "CalibrationPoint", "CalibrationResult", "calibrate_threshold"]
-
-DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20)) + (
-    0.97, 0.98, 0.99, 0.995, 0.999, 1.0,
-)
-"""The thresholds swept when none are given: 0.05 to 0.95 by 0.05, then finer towards 1."""
-
 
 @dataclass
 class CalibrationPoint:
@@ -148,13 +143,10 @@ class CalibrationResult:
 
 
 def _check_thresholds(thresholds: Iterable[float] | None) -> list[float]:
-    values = sorted(set(DEFAULT_THRESHOLDS if thresholds is None else thresholds))
+    values = DEFAULT_THRESHOLDS if thresholds is None else list(thresholds)
     if not values:
         raise ValueError("thresholds must hold at least one threshold")
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-            raise ValueError(f"thresholds must lie in (0, 1], got {value!r}")
-    return [float(value) for value in values]
+    return sorted({check_threshold("thresholds", value, allow_none=False) for value in values})
 
 
 @torch.no_grad()
@@ -187,14 +179,12 @@ def calibrate_threshold(
         ValueError: a bad ``max_accuracy_drop``, threshold or ``min_exit_layer``; no batch or
             no target token.
     """
-    if isinstance(max_accuracy_drop, bool) or not isinstance(max_accuracy_drop, (int, float)) or not (
-        0.0 <= max_accuracy_drop < math.inf
-    ):
-        raise ValueError(f"max_accuracy_drop must be a finite number >= 0, got {max_accuracy_drop!r}")
+    max_accuracy_drop = check_real("max_accuracy_drop", max_accuracy_drop, 0.0)
     values = _check_thresholds(thresholds)
     num_layers = model.num_layers
-    if isinstance(min_exit_layer, bool) or not isinstance(min_exit_layer, int) or not 1 <= min_exit_layer <= num_layers:
-        raise ValueError(f"min_exit_layer must be an integer in 1..{num_layers}, got {min_exit_layer!r}")
+    # The rule's threshold varies over the sweep; its layers are what is fixed here.
+    rule = ExitRule.for_model(model, None, min_exit_layer)
+    min_exit_layer = rule.min_exit_layer
 
     device = model.device
     threshold_t = torch.tensor(values, device=device)[:, None, None]  # (S, 1, 1)
@@ -222,8 +212,7 @@ def calibrate_threshold(
             layer_correct += correct.sum(1)
             # exits[s, i, n]: token n may leave at layer min_exit_layer + i under threshold s.
             exits = confidence[min_exit_layer - 1 : num_layers - 1] >= threshold_t  # (S, m, N)
-            first = exits.to(torch.uint8).argmax(1) + (min_exit_layer - 1)  # argmax: the first True
-            exit_index = torch.where(exits.any(1), first, num_layers - 1)  # (S, N), 0-based layer
+            exit_index = first_exit_layer(exits, min_exit_layer, num_layers, dim=1) - 1  # (S, N), 0-based
             token_index = torch.arange(correct.shape[1], device=device)
             exit_correct += correct[exit_index, token_index].sum(1)  # (S,)
             exit_counts.scatter_add_(1, exit_index, torch.ones_like(exit_index))

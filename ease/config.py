@@ -14,15 +14,21 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-from torch import nn
-
-from ease_kernels._validation import is_int as _is_int
-from ease_kernels._validation import is_real as _is_real
+from typing import TYPE_CHECKING, Any
 
 
-# ease.distributed.DISTRIBUTED_MODES, repeated so that the config imports no torch.distributed.
+from ease.validation import (
+    check_bool,
+    check_int,
+    check_min_exit_layer,
+    check_real,
+    check_threshold,
+)
+from ease.validation import is_int as _is_int
+from ease.validation import is_real as _is_real
+
+
+# ease.training.distributed.DISTRIBUTED_MODES, repeated so that the config imports no torch.distributed.
 _DISTRIBUTED_MODES = ("auto", "ddp", "fsdp", "none")
 
 
@@ -51,7 +57,7 @@ def _check_layer_dict(name: str, value: object, positive: bool) -> dict[int, flo
 
 @dataclass
 class TrainingConfig:
-    """How a :class:`~ease.trainer.Trainer` trains and evaluates an early-exit decoder.
+    """How a :class:`~ease.training.Trainer` trains and evaluates an early-exit decoder.
 
     Attributes:
         layer_weights: loss weight of each layer, ``{layer: weight}``. The training loss
@@ -80,11 +86,11 @@ class TrainingConfig:
             one process otherwise), ``"ddp"``, ``"fsdp"`` (FSDP2 ``fully_shard``) or
             ``"none"`` (every process trains alone). Batches are global batches: under
             torchrun each rank takes its own rows, so results do not depend on the number
-            of ranks. See :mod:`ease.distributed`.
+            of ranks. See :mod:`ease.training.distributed`.
         grad_accumulation_steps: split each batch into this many micro-batches, run
             forward and backward on each and step once; the loss is still normalised by
             the whole batch's token count, so only memory changes, not the result.
-        checkpoint_dir: when set, :meth:`~ease.trainer.Trainer.train_with_early_stopping`
+        checkpoint_dir: when set, :meth:`~ease.training.Trainer.train_with_early_stopping`
             writes ``checkpoint_dir/last.pt`` atomically after every epoch (model,
             optimiser, epoch and step, early-stopping state, every RNG state).
         resume: when True and ``checkpoint_dir/last.pt`` exists,
@@ -116,51 +122,39 @@ class TrainingConfig:
                 f"layer_weights must give at least one layer a weight > 0, got {self.layer_weights}"
             )
         self.layer_lr_scales = _check_layer_dict("layer_lr_scales", self.layer_lr_scales, positive=True)
-        if self.routing_threshold is not None:
-            if not _is_real(self.routing_threshold) or not 0.0 < self.routing_threshold <= 1.0:
-                raise ValueError(f"routing_threshold must be in (0, 1] or None, got {self.routing_threshold!r}")
-            self.routing_threshold = float(self.routing_threshold)
-        if not _is_int(self.min_exit_layer) or self.min_exit_layer < 1:
-            raise ValueError(f"min_exit_layer must be an integer >= 1 (layers count from 1), got {self.min_exit_layer!r}")
-        if not _is_real(self.weight_decay) or not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
-        if self.grad_clip is not None and (
-            not _is_real(self.grad_clip) or not (math.isfinite(self.grad_clip) and self.grad_clip > 0)
-        ):
-            raise ValueError(f"grad_clip must be a finite number > 0 or None, got {self.grad_clip!r}")
+        self.routing_threshold = check_threshold("routing_threshold", self.routing_threshold)
+        self.min_exit_layer = check_min_exit_layer(self.min_exit_layer)
+        self.weight_decay = check_real("weight_decay", self.weight_decay, 0.0)
+        if self.grad_clip is not None:
+            self.grad_clip = check_real(
+                "grad_clip", self.grad_clip, 0.0, above=True, expected="a finite number > 0 or None"
+            )
         betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else None
         if betas is None or len(betas) != 2 or not all(_is_real(b) and 0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         self.betas = (float(betas[0]), float(betas[1]))
         # The range NumPy's global seed accepts (ease.data.set_seed seeds NumPy too).
-        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
-        if not isinstance(self.verbose, bool):
-            raise ValueError(f"verbose must be True or False, got {self.verbose!r}")
-        if not isinstance(self.fused_loss, bool):
-            raise ValueError(f"fused_loss must be True or False, got {self.fused_loss!r}")
+        self.seed = check_int("seed", self.seed, 0, 2**32 - 1, expected="an integer in [0, 2**32)")
+        self.verbose = check_bool("verbose", self.verbose)
+        self.fused_loss = check_bool("fused_loss", self.fused_loss)
         if self.distributed not in _DISTRIBUTED_MODES:
             raise ValueError(f"distributed must be one of {_DISTRIBUTED_MODES}, got {self.distributed!r}")
-        if not _is_int(self.grad_accumulation_steps) or self.grad_accumulation_steps < 1:
-            raise ValueError(
-                f"grad_accumulation_steps must be an integer >= 1, got {self.grad_accumulation_steps!r}"
-            )
+        self.grad_accumulation_steps = check_int("grad_accumulation_steps", self.grad_accumulation_steps, 1)
         if self.checkpoint_dir is not None:
             if not isinstance(self.checkpoint_dir, (str, os.PathLike)) or not str(self.checkpoint_dir):
                 raise ValueError(f"checkpoint_dir must be a non-empty path or None, got {self.checkpoint_dir!r}")
             self.checkpoint_dir = os.fspath(self.checkpoint_dir)
-        if not isinstance(self.resume, bool):
-            raise ValueError(f"resume must be True or False, got {self.resume!r}")
+        self.resume = check_bool("resume", self.resume)
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("resume=True needs a checkpoint_dir to resume from")
 
     # -- checks that need the model ---------------------------------------------------------
-    def validate_for(self, model: nn.Module) -> None:
+    def validate_for(self, model: EarlyExitDecoder) -> None:
         """Check the layer options against ``model`` (its ``num_layers`` and kind).
 
         Args:
-            model: an :class:`~ease.models.EarlyExitDecoder` (anything with
-                ``num_layers`` and ``supports_early_exit``).
+            model: an :class:`~ease.models.EarlyExitDecoder` (its ``num_layers`` and
+                ``trains_every_layer``).
 
         Raises:
             ValueError: a ``layer_weights`` or ``layer_lr_scales`` key outside
@@ -177,11 +171,8 @@ class TrainingConfig:
                         f"{name} has layer {layer}, but the model has num_layers={num_layers} "
                         f"(layers count from 1 to {num_layers})"
                     )
-        if self.min_exit_layer > num_layers:
-            raise ValueError(
-                f"min_exit_layer={self.min_exit_layer} exceeds the model's num_layers={num_layers}"
-            )
-        if not getattr(model, "supports_early_exit", True):
+        check_min_exit_layer(self.min_exit_layer, num_layers)
+        if not model.trains_every_layer:
             below = {l: w for l, w in (self.layer_weights or {}).items() if l < num_layers and w != 0}
             if below:
                 raise ValueError(
@@ -190,7 +181,7 @@ class TrainingConfig:
                     f"only; use create_standard_config({num_layers}) or a DeepSupervisionTransformer"
                 )
 
-    def weights_for(self, model: nn.Module) -> dict[int, float]:
+    def weights_for(self, model: EarlyExitDecoder) -> dict[int, float]:
         """The loss weight of every layer of ``model``, after :meth:`validate_for`.
 
         Returns:
@@ -209,9 +200,7 @@ class TrainingConfig:
 
 
 def _check_num_layers(num_layers: object) -> int:
-    if not _is_int(num_layers) or num_layers < 1:
-        raise ValueError(f"num_layers must be an integer >= 1, got {num_layers!r}")
-    return int(num_layers)
+    return check_int("num_layers", num_layers, 1)
 
 
 def _config_with_weights(helper: str, weights: dict[int, float], kwargs: dict[str, Any]) -> TrainingConfig:

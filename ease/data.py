@@ -49,6 +49,12 @@ __all__ = [
     "unigram_baseline",
 ]
 
+IGNORE_INDEX = -100
+"""Target value that is left out of losses, accuracies and token counts."""
+
+Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+"""A batch as the trainer takes it: ``[B, T + 1]`` ids, or an ``(inputs, targets)`` pair of ``[B, T]``."""
+
 END_OF_TEXT = "<|endoftext|>"
 """The one special token; it takes id 0, before the 256 byte tokens."""
 

@@ -25,9 +25,9 @@ from ease._io import atomic_path, atomic_write_text, jsonable
 from ease.calibration import calibrate_threshold
 from ease.config import TrainingConfig, create_deep_supervision_config, create_standard_config
 from ease.data import load_data, set_seed, unigram_baseline
-from ease.distributed import setup_distributed
+from ease.training.distributed import setup_distributed
 from ease.models import DeepSupervisionTransformer, EarlyExitDecoder, StandardTransformer
-from ease.trainer import Trainer
+from ease.training import Trainer
 
 DEFAULT_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
@@ -136,7 +136,7 @@ def run_experiments(settings: ExperimentSettings) -> dict:
         # The restored weights are the best epoch's, evaluated already during training.
         stats = next(h["val"] for h in stopping.history if h["epoch"] == stopping.best_epoch)
         sweep = []
-        if model.supports_early_exit:
+        if model.trains_every_layer:
             # One pass over the validation data scores every threshold (the same exit rule
             # and figures as evaluate(routing_threshold=...), without a pass per threshold).
             calibration = calibrate_threshold(model, data.val_batches, thresholds=settings.thresholds)

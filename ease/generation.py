@@ -261,7 +261,7 @@ def _run_blocks(
 ) -> torch.Tensor:
     """Blocks ``first..last-1`` (0-based) on ``x`` ``(n, T, dim)`` at ``slots``, through the cache."""
     for index in range(first, last):
-        x = model.layers[index].forward_cached(
+        x = model.layers[index](
             x, slots.cos, slots.sin, functools.partial(cache.update, index, slots), slots.attn_mask, slots.is_causal
         )
     return x
@@ -277,9 +277,8 @@ class _StatePropagation:
 
     def __init__(self, model: EarlyExitDecoder) -> None:
         config = model.config
-        q_size = config.num_heads * config.head_dim
         self.weight = torch.stack(
-            [block.attention.qkv_proj.weight[q_size:] * block.attention_norm.weight for block in model.layers]
+            [block.attention.key_value_weight * block.attention_norm.weight for block in model.layers]
         )  # (L, 2 * kv_heads * head_dim, dim): rows [k; v] of each layer, scaled by its norm weight
         self.ones = torch.ones(config.dim, dtype=self.weight.dtype, device=self.weight.device)
         self.eps = model.layers[0].attention_norm.eps

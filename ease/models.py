@@ -22,7 +22,8 @@ from torch import nn
 
 import ease_kernels
 from ease._io import atomic_path, atomic_write_text
-from ease.modules import RMSNorm, TransformerBlock
+from ease.modules import ExitHead, TransformerBlock
+from ease.validation import check_bool, check_int, check_layers, check_real
 
 if TYPE_CHECKING:
     from ease.generation import GenerationOutput
@@ -65,47 +66,67 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "num_layers", "max_seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            setattr(self, name, check_int(name, getattr(self, name), 1, expected="a positive integer"))
         if self.num_heads is None:
             self.num_heads = self.dim // 64 if self.dim >= 256 else 4
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         if self.ffn_dim is None:
             self.ffn_dim = 32 * math.ceil(8 * self.dim / 3 / 32)
-        if self.num_heads < 1 or self.dim % self.num_heads:
+        self.num_heads = check_int("num_heads", self.num_heads, 1, expected=f"an integer >= 1 that divides dim={self.dim}")
+        if self.dim % self.num_heads:
             raise ValueError(f"num_heads must be >= 1 and divide dim={self.dim}, got {self.num_heads}")
         if (self.dim // self.num_heads) % 2:
             raise ValueError(
                 f"head_dim = dim // num_heads must be even for RoPE, got {self.dim} // {self.num_heads}"
             )
-        if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
+        self.num_kv_heads = check_int(
+            "num_kv_heads", self.num_kv_heads, 1, expected=f"an integer >= 1 that divides num_heads={self.num_heads}"
+        )
+        if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_kv_heads must be >= 1 and divide num_heads={self.num_heads}, got {self.num_kv_heads}"
             )
-        if self.ffn_dim < 1:
-            raise ValueError(f"ffn_dim must be >= 1, got {self.ffn_dim}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not self.norm_eps >= 0:
-            raise ValueError(f"norm_eps must be >= 0, got {self.norm_eps}")
-        if not self.rope_theta > 0:
-            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+        self.ffn_dim = check_int("ffn_dim", self.ffn_dim, 1, expected="an integer >= 1")
+        self.dropout = check_real("dropout", self.dropout, 0.0, 1.0, below=True, expected="in [0, 1)")
+        self.norm_eps = check_real("norm_eps", self.norm_eps, 0.0, expected="a finite number >= 0")
+        self.rope_theta = check_real("rope_theta", self.rope_theta, 0.0, above=True, expected="a finite number > 0")
+        self.tie_embeddings = check_bool("tie_embeddings", self.tie_embeddings)
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
 
+# Before the exit head was a module of its own, its parameters were the model's "norm.*"
+# and "lm_head.*"; files saved then still load.
+_LEGACY_HEAD_KEYS = {"norm.weight": "exit_head.norm.weight", "lm_head.weight": "exit_head.proj.weight"}
+
+
+def _rename_legacy_head_keys(state_dict: dict, prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook: the exit head's old parameter names -> the current ones."""
+    for old, new in _LEGACY_HEAD_KEYS.items():
+        if prefix + old in state_dict and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
+
+
 class EarlyExitDecoder(nn.Module):
     """A decoder whose every layer can answer through the shared exit head.
 
-    Subclasses set :attr:`supports_early_exit` and the default layers ``forward`` returns.
+    Subclasses set :attr:`trains_every_layer` and the default layers ``forward`` returns.
     Use :class:`StandardTransformer` or :class:`DeepSupervisionTransformer`.
+
+    Attributes:
+        trains_every_layer: True when the layers below the last are trained to answer
+            (deep supervision), so that their exits mean something: the trainer then
+            supervises them (fused loss), reports per-layer figures and early-exit
+            statistics, and ``generate`` may exit early. False (the default, and
+            :class:`StandardTransformer`): trained on the final layer only, run at full
+            depth; a ``routing_threshold`` is refused.
+        exit_head: the shared :class:`~ease.modules.ExitHead` (final norm and projection).
     """
 
-    supports_early_exit: ClassVar[bool] = True
+    trains_every_layer: ClassVar[bool] = False
 
     def __init__(self, vocab_size: int, dim: int, num_layers: int, **kwargs: Any) -> None:
         super().__init__()
@@ -119,10 +140,9 @@ class EarlyExitDecoder(nn.Module):
             )
             for _ in range(config.num_layers)
         )
-        self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.exit_head = ExitHead(config.dim, config.vocab_size, config.norm_eps)
         if config.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
+            self.exit_head.proj.weight = self.embed.weight
         cos, sin = ease_kernels.rope_cos_sin(
             torch.arange(config.max_seq_len), config.head_dim, config.rope_theta, config.rope_scaling
         )
@@ -130,6 +150,7 @@ class EarlyExitDecoder(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
+        self._register_load_state_dict_pre_hook(_rename_legacy_head_keys)
 
     # -- construction ---------------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -155,6 +176,16 @@ class EarlyExitDecoder(nn.Module):
     def device(self) -> torch.device:
         return self.embed.weight.device
 
+    @property
+    def norm(self) -> nn.Module:
+        """The exit head's final RMSNorm (``exit_head.norm``)."""
+        return self.exit_head.norm
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        """The exit head's output projection (``exit_head.proj``)."""
+        return self.exit_head.proj
+
     def default_exit_layers(self) -> tuple[int, ...]:
         """The layers whose logits ``forward`` returns when none are asked for."""
         return tuple(range(1, self.num_layers + 1))
@@ -162,14 +193,7 @@ class EarlyExitDecoder(nn.Module):
     # -- forward --------------------------------------------------------------------------
     def check_layers(self, layers: Iterable[int], name: str = "exit_layers") -> list[int]:
         """Sorted unique layer numbers, each an integer in ``1..num_layers``."""
-        checked = set()
-        for layer in layers:
-            if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= self.num_layers:
-                raise ValueError(f"{name} must hold integers in 1..{self.num_layers}, got {layer!r}")
-            checked.add(layer)
-        if not checked:
-            raise ValueError(f"{name} must name at least one layer")
-        return sorted(checked)
+        return check_layers(name, layers, self.num_layers)
 
     def check_input_ids(self, input_ids: torch.Tensor) -> None:
         """Raise a clear error for input ids of the wrong type, rank, length or range."""
@@ -204,10 +228,6 @@ class EarlyExitDecoder(nn.Module):
             if number in wanted:
                 states[number] = x
         return states
-
-    def exit_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The shared exit head: final RMSNorm then output projection -> ``(..., vocab)``."""
-        return self.lm_head(self.norm(hidden))
 
     def forward(self, input_ids: torch.Tensor, exit_layers: Iterable[int] | None = None) -> dict[int, torch.Tensor]:
         """Logits of the requested layers.
@@ -303,7 +323,7 @@ class StandardTransformer(EarlyExitDecoder):
     ``forward`` returns the last layer's logits unless other layers are asked for.
     """
 
-    supports_early_exit = False
+    trains_every_layer = False
 
     def default_exit_layers(self) -> tuple[int, ...]:
         return (self.num_layers,)
@@ -316,7 +336,7 @@ class DeepSupervisionTransformer(EarlyExitDecoder):
     model can exit early per token at inference.
     """
 
-    supports_early_exit = True
+    trains_every_layer = True
 
 
 MODEL_CLASSES: dict[str, type[EarlyExitDecoder]] = {

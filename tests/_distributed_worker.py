@@ -113,7 +113,7 @@ def sgd(trainer, model):
 
 
 def save_weights(model, context, path: Path) -> None:
-    from ease.distributed import full_model_state_dict
+    from ease.training.distributed import full_model_state_dict
 
     state = full_model_state_dict(model, context)  # collective: every rank calls it
     if context.is_main:
@@ -126,19 +126,19 @@ def run(mode: str, out: Path, fused_loss: bool) -> None:
     ``fused_loss`` picks the Trainer's loss path; FSDP runs with two micro-batches per
     step (``grad_accumulation_steps=2``), the others with one.
     """
-    import ease.checkpoint
+    import ease.training.checkpoint
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     accumulation = 2 if mode == "fsdp" else 1
     writes = {"count": 0}
-    real_write = ease.checkpoint._write
+    real_write = ease.training.checkpoint._write
 
     def counting_write(payload, path):
         writes["count"] += 1
         real_write(payload, path)
 
-    ease.checkpoint._write = counting_write
+    ease.training.checkpoint._write = counting_write
     train, val, sampler_rows = data()
     report: dict = {}
 
@@ -213,7 +213,7 @@ def run(mode: str, out: Path, fused_loss: bool) -> None:
         report["nan_error"] = str(error)
 
     report["checkpoint_writes"] = writes["count"]
-    ease.checkpoint._write = real_write
+    ease.training.checkpoint._write = real_write
     (out / f"rank{context.rank}.json").write_text(json.dumps(report, indent=1))
 
 

@@ -9,7 +9,7 @@ import torch
 import ease
 from ease import DeepSupervisionTransformer, Trainer, TrainingConfig, calibrate_threshold
 from ease.calibration import DEFAULT_THRESHOLDS, CalibrationResult
-from ease.trainer import IGNORE_INDEX
+from ease.data import IGNORE_INDEX
 
 VOCAB = 50
 

@@ -1,4 +1,4 @@
-"""Tests of ease.checkpoint and Trainer checkpoints on one process (the CPU).
+"""Tests of ease.training.checkpoint and Trainer checkpoints on one process (the CPU).
 
 Exact resume is checked bit for bit (``torch.equal``): on the CPU, one process, the same
 operations in the same order give the same bits, so any difference means some state
@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ease import DeepSupervisionTransformer, Trainer, create_deep_supervision_config
-from ease.checkpoint import (
+from ease.training.checkpoint import (
     CHECKPOINT_NAME,
     TrainingProgress,
     capture_rng_state,

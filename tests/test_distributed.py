@@ -1,4 +1,4 @@
-"""Tests of ease.distributed: torchrun with DDP and FSDP2 matches one process.
+"""Tests of ease.training.distributed: torchrun with DDP and FSDP2 matches one process.
 
 The end-to-end tests launch ``torchrun --standalone --nproc_per_node=2`` (Gloo on the
 CPU) on ``tests/_distributed_worker.py`` once for DDP and once for FSDP2, run the same
@@ -36,8 +36,8 @@ import torch
 import _distributed_worker as worker
 from _torchrun import died_of_a_signal, run_torchrun
 from ease import DeepSupervisionTransformer, Trainer, TrainingConfig
-from ease.checkpoint import read_checkpoint
-from ease.distributed import (
+from ease.training.checkpoint import read_checkpoint
+from ease.training.distributed import (
     DistributedContext,
     loss_scale,
     setup_distributed,

@@ -190,7 +190,7 @@ def test_deeper_blocks_do_not_run_after_an_exit():
         return run
 
     for number, block in enumerate(model.layers, start=1):
-        block.forward_cached = counting(block.forward_cached, number)
+        block.forward = counting(block.forward, number)
     model.generate([PROMPTS[0]], 4, routing_threshold=1e-9)
     # The prompt runs every block once; the 3 later tokens run block 1 only.
     assert ran == [1, 2, 3, 4] + [1, 1, 1]

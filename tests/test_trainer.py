@@ -1,4 +1,4 @@
-"""Tests of ease.trainer: the weighted loss, the optimiser groups, training, evaluation with
+"""Tests of ease.training (the Trainer): the weighted loss, the optimiser groups, training, evaluation with
 early exit, and early stopping.
 
 Losses are compared against float64 cross-entropies computed here from the model's own
@@ -177,18 +177,22 @@ def test_compute_loss_checks_shapes() -> None:
 
 
 class ExitLayerSpy:
-    """Records the exit_layers of every model call and counts output-projection calls."""
+    """Records the layers of every hidden-state pass and counts output-projection calls.
+
+    Every loss path asks ``model.hidden_states`` for the layers it supervises (``forward``
+    too), so the layers that compute logits are those recorded here.
+    """
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.exit_layers: list[list[int]] = []
         self.head_calls = 0
-        forward = model.forward
+        hidden_states = model.hidden_states
 
-        def recording_forward(input_ids, exit_layers=None):
-            self.exit_layers.append(None if exit_layers is None else list(exit_layers))
-            return forward(input_ids, exit_layers=exit_layers)
+        def recording_hidden_states(input_ids, layers):
+            self.exit_layers.append(list(layers))
+            return hidden_states(input_ids, layers)
 
-        model.forward = recording_forward  # nn.Module.__call__ looks up self.forward
+        model.hidden_states = recording_hidden_states
         model.lm_head.register_forward_hook(self._count)
 
     def _count(self, module, args, output) -> None:
@@ -413,8 +417,8 @@ def test_non_finite_loss_names_step_and_layer(bad_step: int, fused_loss: bool) -
     trainer = Trainer(quiet(create_deep_supervision_config(LAYERS, fused_loss=fused_loss)), VOCAB)
     model = tiny_model()
     optimizer = trainer.create_optimizer(model, base_lr=1e-3)
-    # The plain loss takes logits from forward, the fused one hidden states: poison layer 2's.
-    name = "hidden_states" if fused_loss else "forward"
+    # Both losses take the hidden states from model.hidden_states: poison layer 2's.
+    name = "hidden_states"
     original = getattr(model, name)
     calls = {"n": 0}
 

@@ -28,6 +28,15 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=False)
         self.out_proj = nn.Linear(num_heads * self.head_dim, dim, bias=False)
 
+    @property
+    def key_value_weight(self) -> torch.Tensor:
+        """The rows of the fused projection that give the keys and values, ``(2 * kv_heads * head_dim, dim)``.
+
+        Keys first, then values, each head after head: what state propagation multiplies
+        an exited hidden state by to fill the cache of the layers it skipped.
+        """
+        return self.qkv_proj.weight[self.num_heads * self.head_dim :]
+
     def project_qkv(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -35,38 +35,31 @@ class TransformerBlock(nn.Module):
         self.ffn = SwiGLU(dim, ffn_dim, dropout)
         self.residual_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """``x`` ``(B, T, dim)`` -> ``(B, T, dim)``."""
-        attn_out = self.residual_dropout(self.attention(self.attention_norm(x), cos, sin))
-        normed, h = self.ffn_norm(attn_out, residual=x)
-        return h + self.ffn(normed)
-
-    def forward_cached(
+    def forward(
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cache_kv: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        cache_kv: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
         attn_mask: torch.Tensor | None = None,
-        is_causal: bool = False,
+        is_causal: bool = True,
     ) -> torch.Tensor:
-        """:meth:`forward` for decoding with a key/value cache.
+        """``x`` ``(B, T, dim)`` -> ``(B, T, dim)``, with or without a key/value cache.
 
         Args:
-            x: ``(B, T, dim)`` hidden states of the new positions only.
+            x: hidden states; with ``cache_kv``, of the new positions only.
             cos, sin: RoPE tables of those positions, ``(T, head_dim // 2)`` or
                 ``(B, T, head_dim // 2)``.
-            cache_kv: called once with the new keys and values ``(B, T, kv_heads,
-                head_dim)``; stores them and returns every key and value the new
-                positions may attend to, ``(B, S, kv_heads, head_dim)``.
-            attn_mask, is_causal: as for :meth:`Attention.attend`, over those ``S`` keys.
-
-        Returns:
-            ``(B, T, dim)``.
+            cache_kv: None for a plain causal pass over ``x``. For decoding: called once
+                with the new keys and values ``(B, T, kv_heads, head_dim)``; stores them
+                and returns every key and value the new positions may attend to,
+                ``(B, S, kv_heads, head_dim)``.
+            attn_mask, is_causal: as for :meth:`Attention.attend`, over those keys.
         """
         q, k, v = self.attention.project_qkv(self.attention_norm(x), cos, sin)
-        keys, values = cache_kv(k, v)
-        attn_out = self.attention.attend(q, keys, values, attn_mask, is_causal)
+        if cache_kv is not None:
+            k, v = cache_kv(k, v)
+        attn_out = self.attention.attend(q, k, v, attn_mask, is_causal)
         if self.training:  # dropout is the identity in eval; decoding steps skip the call
             attn_out = self.residual_dropout(attn_out)
         normed, h = self.ffn_norm(attn_out, residual=x)

@@ -38,9 +38,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ease import distributed as dist_utils
+from ease.training import distributed as dist_utils
 from ease._io import atomic_path
-from ease.distributed import DistributedContext
+from ease.training.distributed import DistributedContext
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -64,7 +64,7 @@ _VERSION = 1
 
 @dataclass
 class TrainingProgress:
-    """Where a run of :meth:`~ease.trainer.Trainer.train_with_early_stopping` stands.
+    """Where a run of :meth:`~ease.training.Trainer.train_with_early_stopping` stands.
 
     Attributes:
         epoch: epochs finished (1-based number of the last one; 0 before training).
@@ -244,7 +244,7 @@ def save_checkpoint(
         model: the bare decoder (sharded in place under FSDP2).
         optimizer: its optimiser, or ``None`` to save the weights alone.
         trainer_state: a :class:`TrainingProgress` (or its dict), or ``None``.
-        context: the run's :class:`~ease.distributed.DistributedContext`; ``None`` is one
+        context: the run's :class:`~ease.training.distributed.DistributedContext`; ``None`` is one
             process.
         generators: data-loader generators to save with the RNG states.
         model_state: ``model``'s full state dict when the caller gathered it already
@@ -335,7 +335,7 @@ def load_checkpoint(
         model: the bare decoder, already wrapped as it will be trained (FSDP2 shards
             it in place before loading).
         optimizer: loaded when given; the checkpoint must then hold optimiser state.
-        context: the run's :class:`~ease.distributed.DistributedContext`.
+        context: the run's :class:`~ease.training.distributed.DistributedContext`.
         generators: data-loader generators to restore, as passed when saving.
         restore_rng: set every RNG to its saved state (needed for an exact resume).
 

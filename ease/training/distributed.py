@@ -1,6 +1,6 @@
 """Training on several processes with PyTorch's own engine: torchrun, DDP and FSDP2.
 
-The :class:`~ease.trainer.Trainer` uses this module when a script is launched with
+The :class:`~ease.training.Trainer` uses this module when a script is launched with
 ``torchrun`` (which sets ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``); the script itself
 does not change. What happens, and why:
 
@@ -61,6 +61,7 @@ __all__ = [
     "torchrun_environment",
     "uses_dtensors",
     "wrap_model",
+    "wrapped_model",
 ]
 
 DISTRIBUTED_MODES = ("auto", "ddp", "fsdp", "none")
@@ -336,6 +337,29 @@ def wrap_model(model: nn.Module, context: DistributedContext, find_unused_parame
     runner = _ForwardRunner(model)
     fully_shard(runner, mesh=mesh, reshard_after_forward=False)
     return WrappedModel(model, runner, "fsdp")
+
+
+# The wrapper lives on the model it wraps, so that it dies with the model: a trainer (or
+# a cache keyed by id(model)) holding it would keep every model it has seen alive.
+_WRAPPER_ATTRIBUTE = "_ease_distributed_wrapper"
+
+
+def wrapped_model(model: nn.Module, context: DistributedContext, find_unused_parameters: bool = False) -> WrappedModel:
+    """``model`` as ``context`` runs it: bare on one process, else wrapped once and reused.
+
+    Under torchrun the first call wraps (:func:`wrap_model`) and stores the wrapper on the
+    model itself; later calls return that same wrapper, so DDP's buckets and FSDP2's
+    shards are built once per model, and nothing outside the model refers to it.
+    """
+    if not context.enabled:
+        return WrappedModel(model)
+    wrapped = model.__dict__.get(_WRAPPER_ATTRIBUTE)
+    if wrapped is None:
+        wrapped = wrap_model(model, context, find_unused_parameters)
+        # Not a submodule (object.__setattr__ skips nn.Module's registration): the
+        # wrapper refers back to the model, and must not appear in its state dict.
+        object.__setattr__(model, _WRAPPER_ATTRIBUTE, wrapped)
+    return wrapped
 
 
 # --------------------------------------------------------------------------- batches

@@ -1,0 +1,161 @@
+"""Early stopping: train epoch by epoch until the validation objective stops improving.
+
+The monitored figure is ``evaluate()["objective"]``, the weighted training loss
+``sum_l w_l * CE_l`` on validation data (the SPEC's "validation loss"; for a model trained
+on its final layer only it is that layer's loss). ``patience`` epochs in a row without
+improvement stop the run, and the best epoch's weights are restored at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ease.data import Batch
+from ease.models import EarlyExitDecoder
+from ease.training import distributed as dist_utils
+from ease.training.checkpoint import CHECKPOINT_NAME, TrainingProgress, latest_checkpoint
+from ease.validation import check_int, check_real
+
+if TYPE_CHECKING:
+    from ease.training.trainer import Trainer
+
+
+@dataclass
+class EarlyStoppingResult:
+    """What :meth:`~ease.Trainer.train_with_early_stopping` did.
+
+    Attributes:
+        best_epoch: the epoch (1-based) whose weights the model holds at the end.
+        best_val_loss: the monitored validation figure of that epoch: the objective
+            ``evaluate()["objective"]`` (the weighted loss ``sum_l w_l * CE_l``), not the
+            final layer's ``evaluate()["loss"]``; also readable as
+            :attr:`best_val_objective`.
+        epochs_run: epochs trained.
+        stopped_early: True when training stopped before ``max_epochs`` because the
+            validation objective failed to improve for ``patience`` epochs in a row.
+        history: one dict per epoch: ``epoch`` (1-based), ``train_loss`` (token-weighted
+            mean training loss), ``val_loss`` (the monitored validation objective),
+            ``val`` (the full :meth:`~ease.Trainer.evaluate` dict) and ``seconds`` (wall
+            time of training plus evaluation).
+    """
+
+    best_epoch: int
+    best_val_loss: float
+    epochs_run: int
+    stopped_early: bool
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def best_val_objective(self) -> float:
+        """:attr:`best_val_loss` under the name of what it is: the weighted validation objective."""
+        return self.best_val_loss
+
+    def as_dict(self) -> dict[str, Any]:
+        """A plain-dict copy for ``json.dumps`` (integer layer keys become strings there)."""
+        return dataclasses.asdict(self)
+
+
+def train_with_early_stopping(
+    trainer: Trainer,
+    model: EarlyExitDecoder,
+    train_batches: Iterable[Batch],
+    val_batches: Iterable[Batch],
+    optimizer: torch.optim.Optimizer,
+    max_epochs: int,
+    patience: int,
+    verbose: bool,
+    min_delta: float,
+    resume_from: str | os.PathLike | None,
+) -> EarlyStoppingResult:
+    """The loop of :meth:`ease.Trainer.train_with_early_stopping` (which documents it)."""
+    check_int("max_epochs", max_epochs, 1)
+    check_int("patience", patience, 1)
+    check_real("min_delta", min_delta, 0.0)
+    context = trainer.distributed
+    config = trainer.config
+    checkpoint_path = Path(config.checkpoint_dir) / CHECKPOINT_NAME if config.checkpoint_dir is not None else None
+    if resume_from is None and config.resume:
+        # Rank 0 looks, so that every rank decides alike even without a shared file system.
+        found = latest_checkpoint(config.checkpoint_dir) if context.is_main else None
+        resume_from = dist_utils.broadcast_object(found, context)
+    if resume_from is not None:
+        trainer.load_checkpoint(resume_from, model, optimizer, train_batches=train_batches)
+    else:
+        trainer.begin_run(model, optimizer, train_batches)
+    progress = trainer.progress
+    verbose_here = verbose and context.is_main
+    if verbose_here and resume_from is not None:
+        tqdm.write(f"resumed from {resume_from} after epoch {progress.epoch} (step {progress.step})")
+
+    finished = progress.epochs_without_improvement >= patience
+    for epoch in range(progress.epoch + 1, max_epochs + 1):
+        if finished:
+            break
+        dist_utils.set_sampler_epoch(train_batches, epoch)
+        start = time.perf_counter()
+        try:
+            train_loss = trainer.train_epoch(model, train_batches, optimizer, verbose=verbose)
+        except FloatingPointError as error:
+            kept = (
+                f"; the last good checkpoint, {checkpoint_path} (epoch {progress.epoch}), is left as it was"
+                if checkpoint_path is not None and progress.epoch > 0
+                else ""
+            )
+            raise FloatingPointError(f"epoch {epoch}: {error}{kept}") from error
+        val = trainer.evaluate(model, val_batches)
+        seconds = time.perf_counter() - start
+        val_loss = val["objective"]
+        if not math.isfinite(val_loss):
+            raise FloatingPointError(f"non-finite validation objective {val_loss} after epoch {epoch}")
+        progress.history.append(
+            {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val": val, "seconds": seconds}
+        )
+        improved = val_loss < progress.best_val_loss - min_delta
+        if improved:
+            progress.best_val_loss, progress.best_epoch = val_loss, epoch
+            # A CPU copy (rank 0 only under torchrun): the live tensors keep changing,
+            # and the copy must not hold GPU memory.
+            progress.best_state = dist_utils.full_model_state_dict(model, context) or None
+            progress.epochs_without_improvement = 0
+        else:
+            progress.epochs_without_improvement += 1
+        progress.epoch = epoch
+        if checkpoint_path is not None:
+            # After an improving epoch the best state is the model's state, gathered
+            # just above: the checkpoint takes it rather than gathering it again.
+            trainer.write_checkpoint(
+                checkpoint_path, model, optimizer, model_state=(progress.best_state or {}) if improved else None
+            )
+        if verbose_here:
+            tqdm.write(
+                f"epoch {epoch:3d} | train {train_loss:.4f} | val objective {val_loss:.4f} | "
+                f"val loss {val['loss']:.4f} | ppl {val['ppl']:.2f} | acc {val['accuracy']:.3f} | "
+                f"{seconds:.1f}s{' *' if improved else ''}"
+            )
+        finished = progress.epochs_without_improvement >= patience
+
+    epochs_run = progress.epoch
+    stopped_early = epochs_run < max_epochs
+    # best_epoch is the same on every rank; best_state is held by rank 0 alone.
+    if progress.best_epoch > 0:
+        dist_utils.load_full_model_state_dict(model, progress.best_state or {}, context)
+    if verbose_here:
+        how = f"stopped early after epoch {epochs_run}" if stopped_early else f"ran all {epochs_run} epochs"
+        tqdm.write(f"{how}; restored epoch {progress.best_epoch} (val objective {progress.best_val_loss:.4f})")
+    return EarlyStoppingResult(
+        best_epoch=progress.best_epoch,
+        best_val_loss=progress.best_val_loss,
+        epochs_run=epochs_run,
+        stopped_early=stopped_early,
+        history=list(progress.history),
+    )
