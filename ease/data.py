@@ -386,8 +386,8 @@ def split_batch(batch: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Ten
     Raises:
         TypeError: ``batch`` is neither a tensor nor a pair of tensors, or holds a
             non-integer dtype.
-        ValueError: ``batch`` has the wrong rank, a tensor batch has fewer than 2 columns,
-            or the pair's shapes differ.
+        ValueError: ``batch`` has the wrong rank, no row, a tensor batch has fewer than 2
+            columns, a pair has no position, or the pair's shapes differ.
     """
     if isinstance(batch, torch.Tensor):
         if not _is_integer_dtype(batch.dtype):
@@ -396,6 +396,8 @@ def split_batch(batch: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Ten
             raise ValueError(f"batch must have shape [B, T + 1], got {tuple(batch.shape)}")
         if batch.shape[1] < 2:
             raise ValueError(f"batch needs at least 2 columns (T + 1 >= 2), got shape {tuple(batch.shape)}")
+        if batch.shape[0] == 0:
+            raise ValueError(f"batch must have at least one row, got shape {tuple(batch.shape)}")
         return batch[:, :-1], batch[:, 1:]
 
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
@@ -411,6 +413,10 @@ def split_batch(batch: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Ten
             raise ValueError(
                 f"batch inputs and targets must have the same shape, got {tuple(inputs.shape)} "
                 f"and {tuple(targets.shape)}"
+            )
+        if inputs.numel() == 0:
+            raise ValueError(
+                f"batch inputs must have at least one row and one position, got shape {tuple(inputs.shape)}"
             )
         return inputs, targets
 

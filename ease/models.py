@@ -199,8 +199,10 @@ class EarlyExitDecoder(nn.Module):
         """Raise a clear error for input ids of the wrong type, rank, length or range."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"input_ids must be an int64 or int32 tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or input_ids.numel() == 0:
+            raise ValueError(
+                f"input_ids must be [batch, seq] with batch >= 1 and seq >= 1, got shape {tuple(input_ids.shape)}"
+            )
         if input_ids.shape[1] > self.config.max_seq_len:
             raise ValueError(
                 f"input_ids has {input_ids.shape[1]} positions, more than max_seq_len={self.config.max_seq_len}"

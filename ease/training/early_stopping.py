@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -65,6 +66,23 @@ class EarlyStoppingResult:
         return dataclasses.asdict(self)
 
 
+def check_writable_directory(name: str, directory: Path) -> None:
+    """Create ``directory`` and write a probe file in it, before any training is spent.
+
+    Raises:
+        OSError: naming the argument and the folder, when it cannot be created or written.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".ease-write-check-"):
+            pass
+    except OSError as error:
+        raise type(error)(
+            error.errno, f"{name}={str(directory)!r} cannot be written ({error.strerror or error}); "
+            "fix it before training: checkpoints go there after every epoch",
+        ) from error
+
+
 def train_with_early_stopping(
     trainer: Trainer,
     model: EarlyExitDecoder,
@@ -84,6 +102,8 @@ def train_with_early_stopping(
     context = trainer.distributed
     config = trainer.config
     checkpoint_path = Path(config.checkpoint_dir) / CHECKPOINT_NAME if config.checkpoint_dir is not None else None
+    if checkpoint_path is not None and context.is_main:
+        check_writable_directory("checkpoint_dir", checkpoint_path.parent)
     if resume_from is None and config.resume:
         # Rank 0 looks, so that every rank decides alike even without a shared file system.
         found = latest_checkpoint(config.checkpoint_dir) if context.is_main else None

@@ -103,15 +103,18 @@ def train_epoch(
                 values = torch.stack([loss.detach(), *(per_layer[layer].detach() for layer in active)])
                 sums += values.double() * shard_tokens
             sums = dist_utils.all_reduce_sum(sums, context)
-            checks = [sums]
             if grad_clip is not None:
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                checks.append(dist_utils.reduce_grad_norm(norm).double().reshape(1).to(device))
+            else:
+                # Measured even without clipping: a non-finite gradient must stop the step
+                # before the optimiser writes NaN into the weights.
+                norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            norm = dist_utils.reduce_grad_norm(norm).double().reshape(1).to(device)
             # One host sync per step reads the losses and the gradient norm.
-            values = torch.cat(checks).tolist()
+            values = torch.cat([sums, norm]).tolist()
             step_loss = values[0] / max(tokens, 1)
             bad_loss = not math.isfinite(step_loss)
-            if bad_loss or (grad_clip is not None and not math.isfinite(values[-1])):
+            if bad_loss or not math.isfinite(values[-1]):
                 # Only a failing step pays for the per-layer figures its message names.
                 step_layers = {layer: values[1 + i] / max(tokens, 1) for i, layer in enumerate(active)}
                 if bad_loss:

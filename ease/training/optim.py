@@ -74,14 +74,58 @@ def create_optimizer(model: EarlyExitDecoder, config: TrainingConfig, base_lr: f
     Fused on CUDA, except over FSDP2 shards (the fused kernel takes plain tensors).
 
     Raises:
-        ValueError: ``base_lr`` is not a finite number > 0.
+        ValueError: ``base_lr`` is not a finite number > 0, or the model has float16
+            parameters (AdamW's state underflows in float16; use autocast instead).
     """
     base_lr = check_base_lr(base_lr)
     groups = parameter_groups(model, config, base_lr)
     params = [p for group in groups for p in group["params"]]
+    half = next((name for name, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16), None)
+    if half is not None:
+        # AdamW keeps its moments in the parameters' dtype: in float16 the second moment
+        # (grad**2, often below 6e-8) and eps=1e-8 round to 0, the update divides by zero,
+        # and the weights turn NaN at the second step.
+        raise ValueError(
+            f"create_optimizer got float16 parameters ({half} and others): AdamW's state underflows in "
+            "float16 (the weights become NaN after a step or two). Keep the parameters in float32 (or "
+            "bfloat16) and train under autocast: on CUDA the trainer runs bfloat16 autocast itself"
+        )
     fused = (
         bool(params)
         and all(p.is_cuda and p.is_floating_point() for p in params)
         and not dist_utils.uses_dtensors(params)
     )
     return torch.optim.AdamW(groups, lr=base_lr, betas=config.betas, weight_decay=config.weight_decay, fused=fused or None)
+
+
+_HYPERPARAMETERS = ("lr", "weight_decay", "betas")
+
+
+def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each parameter group's ``lr``, ``weight_decay`` and ``betas`` (and ``name``), copied."""
+    return [
+        {key: group[key] for key in (*_HYPERPARAMETERS, "name") if key in group} for group in optimizer.param_groups
+    ]
+
+
+def restore_hyperparameters(optimizer: torch.optim.Optimizer, chosen: list[dict[str, Any]]) -> list[str]:
+    """Put ``chosen`` (from :func:`hyperparameters`) back into ``optimizer``'s groups.
+
+    A checkpoint's optimiser state brings the learning rates it was saved with; a resumed
+    run must use the ones its optimiser was built with (a new ``base_lr`` or
+    ``layer_lr_scales``), never keep the old ones silently.
+
+    Returns:
+        One line per value that differed, ``"<group> <key> <saved> -> <chosen>"``.
+    """
+    changed = []
+    for index, (group, wanted) in enumerate(zip(optimizer.param_groups, chosen)):
+        name = wanted.get("name", f"group {index}")
+        for key in _HYPERPARAMETERS:
+            saved = group.get(key)
+            # A loaded state dict may hold betas as a list where the optimiser built a tuple.
+            same = tuple(saved) == tuple(wanted[key]) if isinstance(saved, (list, tuple)) else saved == wanted.get(key)
+            if key in wanted and key in group and not same:
+                changed.append(f"{name} {key} {group[key]!r} -> {wanted[key]!r}")
+                group[key] = wanted[key]
+    return changed

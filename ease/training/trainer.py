@@ -18,6 +18,7 @@ Batches are ``[B, T + 1]`` integer tensors (inputs ``[:, :-1]``, targets ``[:, 1
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 from collections.abc import Iterable
 from pathlib import Path
@@ -501,7 +502,18 @@ class Trainer:
         self._remember(model, optimizer)
         if train_batches is not None:
             self._generators = data_generators(train_batches)
+        chosen = optim.hyperparameters(optimizer) if optimizer is not None else None
         self.progress = _load_checkpoint(
             path, model, optimizer, context=self.distributed, generators=self._generators, restore_rng=restore_rng
         )
+        if chosen is not None:
+            # The optimiser's state dict carries the checkpoint's learning rates; the
+            # optimiser given was built with this run's base_lr and layer_lr_scales.
+            changed = optim.restore_hyperparameters(optimizer, chosen)
+            if changed and self.distributed.is_main:
+                warnings.warn(
+                    f"resumed from {path} with other optimiser settings than it was saved with; "
+                    f"using this run's: {'; '.join(changed)}",
+                    stacklevel=2,
+                )
         return self.progress
