@@ -14,9 +14,7 @@ trained model (``save_pretrained`` plus ``tokenizer.json``) to the output folder
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,11 +23,11 @@ from ease._io import atomic_path, atomic_write_text, jsonable
 from ease.calibration import calibrate_threshold
 from ease.config import TrainingConfig, create_deep_supervision_config, create_standard_config
 from ease.data import load_data, set_seed, unigram_baseline
-from ease.training.distributed import setup_distributed
+from ease.exits import DEFAULT_THRESHOLDS
 from ease.models import DeepSupervisionTransformer, EarlyExitDecoder, StandardTransformer
 from ease.training import Trainer
+from ease.training.distributed import setup_distributed
 
-DEFAULT_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 
 @dataclass
@@ -47,9 +45,10 @@ class ExperimentSettings:
     max_epochs: int = 10
     patience: int = 1
     threshold: float = 0.95
-    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS  # the one default grid of ease.exits
     seed: int = 0
     verbose: bool = True
+    runs: tuple[str, ...] = ("standard", "deep_supervision", "asymmetric")  # a subset of RUN_NAMES
 
 
 def asymmetric_options(num_layers: int) -> tuple[dict[int, float], dict[int, float]]:
@@ -68,11 +67,22 @@ def asymmetric_options(num_layers: int) -> tuple[dict[int, float], dict[int, flo
     return weights, scales
 
 
+RUN_NAMES = ("standard", "deep_supervision", "asymmetric")
+"""The runs of the comparison, in the order they are trained and reported."""
+
+
 def build_runs(settings: ExperimentSettings) -> list[tuple[str, type[EarlyExitDecoder], TrainingConfig]]:
-    """The three (name, model class, config) triples of the comparison."""
+    """The (name, model class, config) triples of the runs ``settings.runs`` names, in :data:`RUN_NAMES` order.
+
+    Raises:
+        ValueError: a name in ``settings.runs`` that is not one of :data:`RUN_NAMES`, or none.
+    """
+    unknown = [name for name in settings.runs if name not in RUN_NAMES]
+    if unknown or not settings.runs:
+        raise ValueError(f"runs must name some of {', '.join(RUN_NAMES)}, got {', '.join(settings.runs) or 'none'}")
     layers, verbose = settings.num_layers, settings.verbose
-    weights, scales = asymmetric_options(layers)
-    return [
+    weights, scales = asymmetric_options(layers) if "asymmetric" in settings.runs else ({}, {})
+    runs = [
         ("standard", StandardTransformer, create_standard_config(layers, seed=settings.seed, verbose=verbose)),
         (
             "deep_supervision",
@@ -90,9 +100,12 @@ def build_runs(settings: ExperimentSettings) -> list[tuple[str, type[EarlyExitDe
                 routing_threshold=settings.threshold,
                 seed=settings.seed,
                 verbose=verbose,
-            ),
+            )
+            if weights
+            else None,
         ),
     ]
+    return [run for run in runs if run[0] in settings.runs]
 
 
 def run_experiments(settings: ExperimentSettings) -> dict:
@@ -251,44 +264,7 @@ def _save_figure(fig, ax, path: Path) -> Path:
     return path
 
 
-def parse_args(argv: list[str] | None = None) -> ExperimentSettings:
-    """Command-line flags -> :class:`ExperimentSettings`."""
-    defaults = ExperimentSettings()
-    parser = argparse.ArgumentParser(prog="python -m ease.experiments", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--text", default=None, help="a UTF-8 text file to use instead of the built-in corpus")
-    parser.add_argument("--out", default=defaults.out, help="output folder (default: %(default)s)")
-    for flag, kind in (
-        ("vocab_size", int), ("dim", int), ("num_layers", int), ("seq_len", int), ("batch_size", int),
-        ("lr", float), ("max_epochs", int), ("patience", int), ("threshold", float), ("seed", int),
-    ):
-        parser.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=getattr(defaults, flag),
-                            help="default: %(default)s")
-    parser.add_argument("--thresholds", default=",".join(map(str, defaults.thresholds)),
-                        help="comma-separated routing thresholds for the sweep")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
-    args = parser.parse_args(argv)
-    try:
-        thresholds = tuple(float(t) for t in args.thresholds.split(",") if t.strip())
-    except ValueError:
-        parser.error(f"--thresholds must be comma-separated numbers, got {args.thresholds!r}")
-    values = {k: v for k, v in vars(args).items() if k not in ("thresholds", "quiet")}
-    return ExperimentSettings(**values, thresholds=thresholds, verbose=not args.quiet)
+if __name__ == "__main__":  # python -m ease.experiments
+    from ease.cli.experiments import main
 
-
-def main(argv: list[str] | None = None) -> dict:
-    """Entry point of ``python -m ease.experiments`` and the ``ease-experiments`` script."""
-    settings = parse_args(argv)
-    results = run_experiments(settings)
-    if not setup_distributed("auto").is_main:
-        return results
-    print()
-    print(results["table"])
-    print(f"wrote {Path(settings.out).resolve()}/ (results.json, results.md, loss_curves.png, exit_tradeoff.png, models/)")
-    best = min(run["evaluation"]["loss"] for run in results["runs"].values())
-    if not best < results["unigram_baseline"]["loss"] - math.log(1.5):
-        print("warning: no run beat the unigram baseline by a clear margin (1.5x in PPL)")
-    return results
-
-
-if __name__ == "__main__":
     main()
