@@ -10,6 +10,7 @@ diverges. The torchrun versions of these checks are in tests/test_distributed.py
 
 from __future__ import annotations
 
+import errno
 import math
 import random
 from pathlib import Path
@@ -254,6 +255,29 @@ def test_a_killed_writer_leaves_only_a_stray_temporary_file(tmp_path: Path) -> N
     truncated.write_bytes(data[: len(data) // 3])
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         read_checkpoint(truncated)
+
+
+def test_a_full_disk_raises_oserror_enospc_naming_the_path(tmp_path: Path, monkeypatch) -> None:
+    """torch's zip writer turns the OSError of a full disk into a RuntimeError ("unexpected
+    pos ...") raised while handling it; the caller gets the OSError back, with the path."""
+    trainer, model, optimizer = make(tmp_path)
+    path = save_checkpoint(tmp_path / CHECKPOINT_NAME, model, optimizer)
+    before = path.read_bytes()
+
+    def full_disk_save(obj, handle, *args, **kwargs):
+        handle.write(b"PK\x03\x04 the first bytes")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:  # as torch.serialization's writer does on closing the archive
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    with pytest.raises(OSError) as caught:
+        save_checkpoint(path, model, optimizer)
+    assert caught.value.errno == errno.ENOSPC
+    assert str(path) in str(caught.value) and "No space left on device" in str(caught.value)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]
 
 
 def test_nan_stops_training_naming_step_and_layer_and_keeps_the_checkpoint(tmp_path: Path) -> None:

@@ -214,12 +214,38 @@ def _as_tuples(value: Any) -> Any:
 
 
 def _write(payload: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to a temporary file, flushed to disk, then renamed onto ``path``."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())  # the bytes are on disk before the rename publishes them
+    """``torch.save`` to a temporary file, flushed to disk, then renamed onto ``path``.
+
+    Raises:
+        OSError: the write failed, with the cause's errno (``ENOSPC`` for a full disk)
+            and ``path`` as its filename.
+    """
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as handle:
+                torch.save(payload, handle)
+                handle.flush()
+                os.fsync(handle.fileno())  # the bytes are on disk before the rename publishes them
+    except (OSError, RuntimeError) as error:
+        cause = _os_error_of(error)
+        if cause is None:
+            raise
+        raise OSError(cause.errno, f"{cause.strerror or cause}; could not write the checkpoint", str(path)) from error
+
+
+def _os_error_of(error: BaseException) -> OSError | None:
+    """The ``OSError`` behind ``error``: itself, or one it was raised from or while handling.
+
+    torch's zip writer reports a failed write (a full disk) as a ``RuntimeError``
+    ("unexpected pos ...") raised while handling the file's ``OSError``.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def save_checkpoint(
