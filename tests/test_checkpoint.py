@@ -13,6 +13,9 @@ from __future__ import annotations
 import errno
 import math
 import random
+import re
+import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -339,3 +342,72 @@ def test_load_errors(tmp_path: Path) -> None:
         trainer.load_checkpoint(weights_only, wider)
     with pytest.raises(ValueError, match="no model to checkpoint"):
         make()[0].save_checkpoint(tmp_path / "nothing.pt")
+
+
+def flip_a_byte_inside_a_tensor(path: Path) -> None:
+    """Invert one byte in the middle of the largest tensor stored in the zip at ``path``."""
+    with zipfile.ZipFile(path) as archive:
+        member = max(archive.infolist(), key=lambda info: info.file_size)
+    data = bytearray(path.read_bytes())
+    # The local file header: 30 bytes, then the name and the extra field (lengths at 26, 28).
+    name_length, extra_length = struct.unpack_from("<HH", data, member.header_offset + 26)
+    start = member.header_offset + 30 + name_length + extra_length
+    data[start + member.file_size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_inside_a_tensor_is_refused(tmp_path: Path) -> None:
+    trainer, model, optimizer = make(tmp_path)
+    path = save_checkpoint(tmp_path / CHECKPOINT_NAME, model, optimizer)
+    flip_a_byte_inside_a_tensor(path)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is corrupt.*CRC"):
+        read_checkpoint(path)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is corrupt"):
+        trainer.load_checkpoint(path, model, optimizer)
+
+
+def crafted(tmp_path: Path, change) -> Path:
+    """A real checkpoint after one epoch, loaded, changed by ``change(payload)`` and saved again."""
+    trainer, model, optimizer = make(tmp_path)
+    trainer.train_with_early_stopping(model, shuffled_loader(), VAL, optimizer, max_epochs=1, patience=3)
+    path = tmp_path / CHECKPOINT_NAME
+    payload = torch.load(path, weights_only=True)
+    change(payload)
+    torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda p: p.pop("optimizer"), "'optimizer'"),
+        (lambda p: p.pop("model"), "'model'"),
+        (lambda p: p.update(rng=[]), "rng"),
+        (lambda p: p["rng"][0].pop("torch"), "rng"),
+        (lambda p: p.update(world_size=0), "world_size"),
+        (lambda p: p["trainer"].update(epoch="1"), "trainer.epoch"),
+        (lambda p: p["trainer"].update(epoch=-1), "trainer.epoch"),
+        (lambda p: p["trainer"].update(epoch=10**9), "trainer.epoch"),
+        (lambda p: p["trainer"].update(step=2.5), "trainer.step"),
+        (lambda p: p["trainer"].pop("history"), "trainer.history"),
+        (lambda p: p["trainer"].update(best_epoch=2), "trainer.best_epoch"),
+        (lambda p: p["trainer"].update(best_val_loss="low"), "trainer.best_val_loss"),
+        (lambda p: p.update(trainer=[1]), "'trainer'"),
+    ],
+    ids=[
+        "no-optimizer", "no-model", "empty-rng", "rng-entry", "world-size", "string-epoch", "negative-epoch",
+        "huge-epoch", "float-step", "no-history", "best-epoch-ahead", "string-loss", "trainer-list",
+    ],
+)  # fmt: skip
+def test_a_crafted_checkpoint_is_refused_naming_the_file_and_field(tmp_path: Path, change, field: str) -> None:
+    path = crafted(tmp_path, change)
+    trainer, model, optimizer = make()
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}.*{re.escape(field)}"):
+        trainer.load_checkpoint(path, model, optimizer, shuffled_loader())
+
+
+def test_save_refuses_a_progress_it_could_not_read_back(tmp_path: Path) -> None:
+    trainer, model, optimizer = make()
+    with pytest.raises(ValueError, match=r"trainer_state\.epoch must be"):
+        save_checkpoint(tmp_path / "x.pt", model, optimizer, TrainingProgress(epoch=-1))
+    assert not (tmp_path / "x.pt").exists()

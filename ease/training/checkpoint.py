@@ -29,6 +29,7 @@ import os
 import pickle
 import random
 import warnings
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,15 +39,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from ease.training import distributed as dist_utils
 from ease._io import atomic_path
+from ease.training import distributed as dist_utils
 from ease.training.distributed import DistributedContext
+from ease.validation import check_int, is_real
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_NAME",
     "TrainingProgress",
     "capture_rng_state",
+    "check_progress",
     "data_generators",
     "latest_checkpoint",
     "load_checkpoint",
@@ -210,6 +213,114 @@ def _as_tuples(value: Any) -> Any:
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+# --------------------------------------------------------------------------- checks
+
+
+_RNG_KEYS = ("python", "numpy", "torch", "cuda", "generators")
+
+
+def check_progress(values: object, name: str) -> dict[str, Any]:
+    """``values`` (a :meth:`TrainingProgress.as_dict`) checked field by field; returned as is.
+
+    ``epoch`` and ``step`` must be integers >= 0, and ``history`` must hold one dict per
+    finished epoch, as the trainer writes it: that bounds ``epoch`` by what the file
+    holds, so a crafted ``epoch=10**9`` (which would skip every epoch of the resumed
+    run) is refused without an arbitrary cap. ``best_epoch`` and
+    ``epochs_without_improvement`` are at most ``epoch``.
+
+    Args:
+        values: the dict to check.
+        name: how the message names it (``"<file>: trainer"``, ``"trainer_state"``).
+
+    Raises:
+        ValueError: the first field that is missing or wrong, named ``<name>.<field>``.
+    """
+    if not isinstance(values, dict):
+        raise ValueError(f"{name} must be a dict of the training progress, got {type(values).__name__}")
+    missing = [field for field in TrainingProgress.__dataclass_fields__ if field not in values]
+    if missing:
+        raise ValueError(f"{name}.{missing[0]} is missing (the training progress needs {missing})")
+    epoch = check_int(f"{name}.epoch", values["epoch"], 0, expected="an integer >= 0")
+    check_int(f"{name}.step", values["step"], 0, expected="an integer >= 0")
+    check_int(f"{name}.best_epoch", values["best_epoch"], 0, epoch, expected=f"an integer in 0..epoch={epoch}")
+    check_int(
+        f"{name}.epochs_without_improvement", values["epochs_without_improvement"], 0, epoch,
+        expected=f"an integer in 0..epoch={epoch}",
+    )  # fmt: skip
+    loss = values["best_val_loss"]
+    if not is_real(loss) or math.isnan(loss):
+        raise ValueError(f"{name}.best_val_loss must be a number (inf before the first epoch), got {loss!r}")
+    history = values["history"]
+    if not isinstance(history, list) or not all(isinstance(entry, dict) for entry in history):
+        raise ValueError(f"{name}.history must be a list of dicts, got {type(history).__name__}")
+    if len(history) != epoch:
+        raise ValueError(
+            f"{name}.epoch must equal the number of epochs in {name}.history ({len(history)}), got {epoch}"
+        )
+    best_state = values["best_state"]
+    if best_state is not None and not _is_state_dict(best_state):
+        raise ValueError(f"{name}.best_state must be None or a dict of tensors")
+    return values
+
+
+def _is_state_dict(value: object) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(key, str) and isinstance(tensor, torch.Tensor) for key, tensor in value.items()
+    )
+
+
+def _check_rng_entry(entry: object, name: str) -> None:
+    if not isinstance(entry, dict) or any(key not in entry for key in _RNG_KEYS):
+        raise ValueError(f"{name} must be a dict with keys {list(_RNG_KEYS)}, got {_describe(entry)}")
+    numpy_state = entry["numpy"]
+    if not (
+        isinstance(entry["python"], (tuple, list))
+        and isinstance(numpy_state, dict)
+        and isinstance(numpy_state.get("keys"), torch.Tensor)
+        and all(key in numpy_state for key in ("kind", "position", "has_gauss", "cached_gaussian"))
+        and isinstance(entry["torch"], torch.Tensor)
+        and entry["torch"].dtype == torch.uint8
+        and isinstance(entry["cuda"], list)
+        and isinstance(entry["generators"], list)
+        and all(isinstance(state, torch.Tensor) for state in [*entry["cuda"], *entry["generators"]])
+    ):
+        raise ValueError(f"{name} does not hold RNG states as capture_rng_state writes them")
+
+
+def _describe(value: object) -> str:
+    return f"a dict with keys {sorted(map(str, value))}" if isinstance(value, dict) else type(value).__name__
+
+
+def _check_payload(payload: dict[str, Any], path: Path) -> None:
+    """Every field :func:`load_checkpoint` reads, checked before anything is loaded."""
+    fields = ("model", "optimizer", "trainer", "rng", "world_size")
+    for field in fields:
+        if field not in payload:
+            raise ValueError(f"{path}: the checkpoint has no {field!r} field (it needs {list(fields)})")
+    if not _is_state_dict(payload["model"]):
+        raise ValueError(f"{path}: the 'model' field must be a state dict (names to tensors)")
+    optimizer = payload["optimizer"]
+    if optimizer is not None and not (
+        isinstance(optimizer, dict)
+        and isinstance(optimizer.get("state"), dict)
+        and isinstance(optimizer.get("param_groups"), list)
+    ):
+        raise ValueError(f"{path}: the 'optimizer' field must be None or an optimizer state dict")
+    if payload["trainer"] is not None:
+        if not isinstance(payload["trainer"], dict):
+            raise ValueError(f"{path}: the 'trainer' field must be None or a dict, got {_describe(payload['trainer'])}")
+        check_progress(payload["trainer"], f"{path}: trainer")
+    world_size = check_int(f"{path}: world_size", payload["world_size"], 1, expected="an integer >= 1")
+    rng = payload["rng"]
+    if not isinstance(rng, list) or not 1 <= len(rng) <= world_size:
+        raise ValueError(
+            f"{path}: rng must be a list of 1..world_size={world_size} RNG states (one per rank), got "
+            + (f"a list of {len(rng)}" if isinstance(rng, list) else type(rng).__name__)
+        )
+    for rank, entry in enumerate(rng):
+        _check_rng_entry(entry, f"{path}: rng[{rank}]")
+
+
 # --------------------------------------------------------------------------- write and read
 
 
@@ -282,8 +393,11 @@ def save_checkpoint(
         ``path`` as a ``Path``.
 
     Raises:
-        OSError: the file could not be written; the previous checkpoint at ``path``, if
-            any, is left as it was and no temporary file remains.
+        ValueError: ``trainer_state`` that :func:`read_checkpoint` would refuse
+            (:func:`check_progress`); nothing is written.
+        OSError: the file could not be written (``errno.ENOSPC``: the disk is full);
+            the previous checkpoint at ``path``, if any, is left as it was and no
+            temporary file remains.
     """
     context = context or DistributedContext()
     path = Path(path)
@@ -295,6 +409,10 @@ def save_checkpoint(
     rng = dist_utils.all_gather_objects(capture_rng_state(generators, context.device), context)
     if isinstance(trainer_state, TrainingProgress):
         trainer_state = trainer_state.as_dict()
+    elif trainer_state is not None:
+        trainer_state = TrainingProgress.from_dict(trainer_state).as_dict() if isinstance(trainer_state, dict) else trainer_state
+    if trainer_state is not None:
+        check_progress(trainer_state, "trainer_state")  # what read_checkpoint would refuse is not written
     error = None
     if context.is_main:
         payload = {
@@ -320,16 +438,38 @@ def save_checkpoint(
     return path
 
 
+def _check_crc(path: Path) -> None:
+    """Verify every member of the zip archive ``torch.save`` wrote against its CRC-32.
+
+    ``torch.load`` does not check the CRCs: a flipped bit inside a tensor would load as
+    a changed weight. This reads the whole file once more.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError) as error:
+        raise ValueError(f"{path} is not a readable checkpoint: {error}") from error
+    if bad is not None:
+        raise ValueError(f"{path} is corrupt: its record {bad!r} fails the zip CRC check")
+
+
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint file as a dict (``torch.load`` with ``weights_only=True``).
 
+    The file's zip CRCs are verified first, and every field :func:`load_checkpoint`
+    uses is checked (types, and a training progress consistent with itself:
+    :func:`check_progress`).
+
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not an ease checkpoint, or is truncated or corrupt.
+        ValueError: the file is not an ease checkpoint, is truncated or corrupt (a CRC
+            mismatch), or misses a field or holds a wrong one; the message names the
+            file and the field.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    _check_crc(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:  # truncated zip: RuntimeError
@@ -338,6 +478,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise ValueError(f"{path} is not an ease checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
     if payload.get("version") != _VERSION:
         raise ValueError(f"{path} has checkpoint version {payload.get('version')!r}; this ease reads {_VERSION}")
+    _check_payload(payload, path)
     return payload
 
 
