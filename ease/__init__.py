@@ -18,7 +18,7 @@ from ease.hf_llama import from_hf_llama, to_hf_llama
 from ease.data import IGNORE_INDEX
 from ease.training import EarlyStoppingResult, Trainer
 from ease.calibration import CalibrationResult, calibrate_threshold
-from ease.generation import GenerationOutput, KVCache
+from ease.generation import CacheSlots, GenerationOutput, KVCache
 
 __all__ = [
     "DeepSupervisionTransformer",
@@ -36,6 +36,7 @@ __all__ = [
     "create_standard_config",
     "CalibrationResult",
     "calibrate_threshold",
+    "CacheSlots",
     "GenerationOutput",
     "KVCache",
 ]

@@ -10,7 +10,8 @@ import torch
 
 import ease_kernels
 from ease import DeepSupervisionTransformer, StandardTransformer
-from ease.generation import GenerationOutput, KVCache, _Sampler, generate
+from ease.generation import GenerationOutput, KVCache, generate
+from ease.generation.sampling import Sampler
 
 VOCAB = 50
 PROMPTS = [[3, 1, 4, 1, 5], [9, 2, 6], [5, 3, 5, 8, 9, 7, 9], [2]]
@@ -213,14 +214,15 @@ def test_early_exit_matches_the_uncached_definition(threshold, min_exit_layer):
 
 def test_state_propagation_fills_skipped_layers_from_the_exited_state():
     """After an exit at layer 1, layers 2..L hold K/V computed from h_1, written in the cache."""
-    from ease.generation import _Slots, _StatePropagation
+    from ease.generation import CacheSlots
+    from ease.generation.early_exit import StatePropagation
 
     model = random_model()
     cache = KVCache.for_model(model, 2, 8)
     hidden = torch.randn(2, 32)
-    slots = _Slots.shared(model, 5, 1)
+    slots = CacheSlots.shared(model, 5, 1)
     with torch.no_grad():
-        _StatePropagation(model)(cache, hidden, 1, slots)
+        StatePropagation(model)(cache, hidden, 1, slots)
         for index in range(1, 4):
             block = model.layers[index]
             _, k, v = block.attention.project_qkv(block.attention_norm(hidden[:, None]), slots.cos, slots.sin)
@@ -364,7 +366,7 @@ def test_speculative_sampling_keeps_the_full_model_distribution():
     vocab, rows = 6, 200_000
     draft_logits = torch.randn(vocab) * 1.5
     full_logits = torch.randn(2, vocab) * 1.5
-    sampler = _Sampler(1.0, None, torch.Generator().manual_seed(1))
+    sampler = Sampler(1.0, None, torch.Generator().manual_seed(1))
     q = draft_logits.softmax(-1)
     drafted = torch.multinomial(q, rows, replacement=True, generator=torch.Generator().manual_seed(2))[:, None]
     accepted, next_token = sampler.verify(

@@ -1,0 +1,229 @@
+"""Decoding one token per row per step: full depth, or confident early exit with state propagation.
+
+The prompt always runs at full depth (:func:`prefill`). Its first new token, and each
+later one, answers at the layer :class:`ease.exits.ExitRule` picks: the first layer
+``l`` (``min_exit_layer <= l < num_layers``) whose exit-head confidence reaches the
+threshold, else the last (CALM, Schuster et al. 2022). A row that exits at ``l`` takes
+its token from layer ``l``; the deeper blocks never run for it. Later tokens still attend
+to this position in every layer, so the keys and values of the skipped layers ``j > l``
+are filled from the exited hidden state ``h_l`` (:class:`StatePropagation`)::
+
+    k_j = RoPE(W_k^j · norm_j(h_l)),    v_j = W_v^j · norm_j(h_l),
+
+which costs one matrix product for all skipped layers together (no attention, no
+feed-forward). Rows of a batch exit independently; deeper blocks run only on the rows
+still active, each attending to its own cache row. With no threshold the same loop is
+plain full-depth decoding.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+import ease_kernels
+from ease.exits import ExitRule
+from ease.generation.cache import CacheSlots, KVCache
+from ease.generation.sampling import Sampler
+
+if TYPE_CHECKING:
+    from ease.models import EarlyExitDecoder
+
+__all__ = ["StatePropagation", "early_exit_step", "first_token", "generate_early_exit", "prefill", "run_blocks"]
+
+
+def run_blocks(
+    model: EarlyExitDecoder, x: torch.Tensor, slots: CacheSlots, cache: KVCache, first: int, last: int
+) -> torch.Tensor:
+    """Layers ``first + 1 .. last`` (blocks ``first..last-1``, 0-based) on ``x``
+    ``(n, T, dim)`` at ``slots``, through the cache."""
+    for index in range(first, last):
+        x = model.layers[index](
+            x, slots.cos, slots.sin, functools.partial(cache.update, index + 1, slots),
+            slots.attn_mask, slots.is_causal,
+        )
+    return x
+
+
+def prefill(
+    model: EarlyExitDecoder, prompts: list[torch.Tensor], cache: KVCache, every_layer: bool
+) -> list[torch.Tensor]:
+    """Run the (right-padded) prompts at full depth, filling the cache.
+
+    Returns the hidden state ``(B, dim)`` at each row's last prompt position after every
+    block (``every_layer``) or after the last block only.
+    """
+    lengths = [len(p) for p in prompts]
+    batch, width = len(prompts), max(lengths)
+    ids = torch.zeros(batch, width, dtype=torch.long, device=model.device)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = prompt
+    rows = torch.arange(batch, device=model.device)
+    last = torch.tensor(lengths, device=model.device) - 1
+    slots = CacheSlots.shared(model, 0, width)
+    x = model.embed(ids)  # (B, P, dim); padding after a prompt is never attended to
+    states = []
+    for index in range(model.num_layers):
+        x = run_blocks(model, x, slots, cache, index, index + 1)
+        if every_layer or index == model.num_layers - 1:
+            states.append(x[rows, last])
+    return states
+
+
+class StatePropagation:
+    """Keys and values of the skipped layers, computed from an exited hidden state.
+
+    ``norm_j(h) = (h * rstd(h)) * w_j``: the reciprocal RMS is the same for every layer and
+    only the scale ``w_j`` differs, so it is folded into layer ``j``'s key/value projection
+    (:attr:`~ease.modules.Attention.key_value_weight`) once per call, and the K/V of all
+    skipped layers come from one matrix product.
+    """
+
+    def __init__(self, model: EarlyExitDecoder) -> None:
+        config = model.config
+        self.weight = torch.stack(
+            [block.attention.key_value_weight * block.attention_norm.weight for block in model.layers]
+        )  # (L, 2 * kv_heads * head_dim, dim): rows [k; v] of each layer, scaled by its norm weight
+        self.ones = torch.ones(config.dim, dtype=self.weight.dtype, device=self.weight.device)
+        self.eps = model.layers[0].attention_norm.eps
+        self.num_layers = config.num_layers
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+
+    def __call__(self, cache: KVCache, hidden: torch.Tensor, layer: int, slots: CacheSlots) -> None:
+        """Fill layers ``layer+1..L`` (1-based) of the cache at ``slots`` (``T = 1``) from
+        ``hidden`` ``(n, dim)``, the state after block ``layer``."""
+        skipped = self.num_layers - layer
+        if skipped == 0:
+            return
+        n = hidden.shape[0]
+        normed = ease_kernels.rms_norm(hidden, self.ones, self.eps)
+        kv = F.linear(normed, self.weight[layer:].flatten(0, 1))  # (n, skipped * 2 * kv_heads * head_dim)
+        kv = kv.view(n, skipped, 2, self.num_kv_heads, self.head_dim)
+        # All skipped layers' heads as the heads of one token, so one RoPE call rotates them;
+        # apply_rope also rotates a query, given here as one head of the keys and discarded.
+        k = kv[:, :, 0].reshape(n, 1, skipped * self.num_kv_heads, self.head_dim)
+        _, k = ease_kernels.apply_rope(k[:, :, :1], k, slots.cos, slots.sin)
+        k = k.view(n, skipped, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        cache.store_after(layer, slots, k, kv[:, :, 1].transpose(0, 1))
+
+
+def first_token(
+    model: EarlyExitDecoder, states: list[torch.Tensor], rule: ExitRule, sampler: Sampler
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token and exit layer ``(B,)`` after the prompt, by ``rule`` on the prompt's last states.
+
+    ``states`` holds the state after every block when ``rule`` exits early, else after the
+    last block only (see :func:`prefill`).
+    """
+    final_logits = model.exit_head(states[-1])  # (B, V)
+    if not rule.exits_early:
+        layers = torch.full((final_logits.shape[0],), rule.num_layers, dtype=torch.long, device=final_logits.device)
+        return sampler.pick(final_logits), layers
+    checked = rule.checked_layers
+    logits = model.exit_head(torch.stack(states[checked.start - 1 : checked.stop - 1]))  # (m, B, V)
+    exits = torch.stack([rule.decide(logits[i], layer).exit for i, layer in enumerate(checked)])  # (m, B)
+    layers = rule.first_exit(exits)  # (B,)
+    exited = layers < rule.num_layers
+    rows = torch.arange(logits.shape[1], device=logits.device)
+    chosen = torch.where(exited[:, None], logits[torch.where(exited, layers - checked.start, 0), rows], final_logits)
+    return sampler.pick(chosen), layers
+
+
+def early_exit_step(
+    model: EarlyExitDecoder,
+    tokens: torch.Tensor,
+    slots: CacheSlots,
+    cache: KVCache,
+    rule: ExitRule,
+    sampler: Sampler,
+    propagate: StatePropagation | None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Feed ``tokens`` ``(B,)`` at ``slots``; return the next tokens, their exit layers and
+    the number of block evaluations spent.
+
+    ``propagate`` fills the skipped layers of an exited row; it may be None only when
+    ``rule`` never exits early.
+    """
+    num_layers = model.num_layers
+    batch = tokens.shape[0]
+    next_tokens = torch.empty_like(tokens)
+    exit_layers = torch.full_like(tokens, num_layers)
+    active = None  # (n,) batch rows still running; None: all of them
+    spent = 0
+    x = model.embed(tokens)[:, None]  # (B, 1, dim)
+    for index in range(num_layers):
+        x = run_blocks(model, x, slots, cache, index, index + 1)
+        spent += x.shape[0]
+        layer = index + 1
+        if not rule.checks(layer):
+            continue
+        logits = model.exit_head(x[:, 0])  # (n, V)
+        decision = rule.decide(logits, layer)
+        exits = decision.exit
+        leaving_count = int(exits.sum())  # the step's one host synchronisation per layer
+        if leaving_count == 0:
+            continue
+        if leaving_count == exits.shape[0]:
+            propagate(cache, x[:, 0], layer, slots)
+            token = sampler.pick(logits, decision.prediction)
+            if active is None:
+                return token, exit_layers.fill_(layer), spent
+            next_tokens[active] = token
+            exit_layers[active] = layer
+            return next_tokens, exit_layers, spent
+        if active is None:
+            active = torch.arange(batch, device=tokens.device)
+        leaving = exits.nonzero().squeeze(1)
+        propagate(cache, x[leaving, 0], layer, slots.select(leaving))
+        rows = active[leaving]
+        next_tokens[rows] = sampler.pick(logits[leaving], decision.prediction[leaving])
+        exit_layers[rows] = layer
+        staying = (~exits).nonzero().squeeze(1)
+        x, active, slots = x[staying], active[staying], slots.select(staying)
+    token = sampler.pick(model.exit_head(x[:, 0]))
+    if active is None:
+        return token, exit_layers, spent
+    next_tokens[active] = token
+    return next_tokens, exit_layers, spent
+
+
+def generate_early_exit(
+    model: EarlyExitDecoder,
+    prompts: list[torch.Tensor],
+    max_new_tokens: int,
+    rule: ExitRule,
+    sampler: Sampler,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """Full depth (``rule`` never exits early) or confident early exit, one token per row per step.
+
+    Returns ``(new_tokens, exit_layers, stats)``: ``(B, max_new_tokens)`` each, and
+    ``{"block_evaluations": ...}``. ``max_new_tokens >= 1``.
+    """
+    device = model.device
+    batch = len(prompts)
+    lengths = [len(p) for p in prompts]
+    longest = max(lengths)
+    cache = KVCache.for_model(model, batch, longest + max_new_tokens)
+    new_tokens = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
+    exit_layers = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
+    states = prefill(model, prompts, cache, every_layer=rule.exits_early)
+    new_tokens[:, 0], exit_layers[:, 0] = first_token(model, states, rule, sampler)
+    propagate = StatePropagation(model) if rule.exits_early else None
+    same_length = len(set(lengths)) == 1
+    first_positions = torch.tensor(lengths, device=device)[:, None]  # (B, 1)
+    spent = 0
+    for step in range(1, max_new_tokens):
+        # The token generated at step - 1 sits at position length + step - 1 of its row.
+        if same_length:
+            slots = CacheSlots.shared(model, longest + step - 1, 1)
+        else:
+            slots = CacheSlots.per_row(model, first_positions + (step - 1), None, longest + step)
+        new_tokens[:, step], exit_layers[:, step], blocks = early_exit_step(
+            model, new_tokens[:, step - 1], slots, cache, rule, sampler, propagate
+        )
+        spent += blocks
+    return new_tokens, exit_layers, {"block_evaluations": spent}

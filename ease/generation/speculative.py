@@ -1,0 +1,143 @@
+"""Self-speculative decoding (LayerSkip, Elhoushi et al. 2024): the model's first layers draft.
+
+The first ``draft_layers = E`` blocks and the exit head draft ``num_draft_tokens = k``
+tokens one by one; the full model then verifies them in one pass that takes the drafts'
+layer-``E`` hidden states and runs only blocks ``E+1..L`` on them (the draft already wrote
+the cache of blocks ``1..E``). The longest prefix the full model agrees with is kept, plus
+the full model's own next token. With greedy decoding the output equals full-depth greedy
+decoding token for token; with sampling, speculative sampling's accept/resample rule
+(:meth:`~ease.generation.sampling.Sampler.verify`) keeps the full model's distribution.
+Rows of a batch accept different numbers of tokens and move on at their own positions.
+Optionally (``draft_threshold``) a row stops drafting at its first draft whose exit
+confidence is below a threshold, so few draft blocks are spent on tokens the full model
+would reject. That stop reads :func:`ease_kernels.exit_confidence` at the one draft layer
+directly: it decides whether to keep drafting, not which layer answers a token, so it is
+not the exit rule of :class:`ease.exits.ExitRule`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+import ease_kernels
+from ease.generation.cache import CacheSlots, KVCache
+from ease.generation.early_exit import prefill, run_blocks
+from ease.generation.sampling import Sampler
+
+if TYPE_CHECKING:
+    from ease.models import EarlyExitDecoder
+
+__all__ = ["generate_speculative"]
+
+
+def generate_speculative(
+    model: EarlyExitDecoder,
+    prompts: list[torch.Tensor],
+    max_new_tokens: int,
+    draft_layers: int,
+    num_draft_tokens: int,
+    draft_threshold: float | None,
+    sampler: Sampler,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """Self-speculative decoding: draft with blocks ``1..E``, verify with ``E+1..L``.
+
+    A round feeds the last token and then each draft through blocks ``1..E`` (writing their
+    cache), drafting up to ``k`` tokens; with ``draft_threshold``, a row stops drafting at
+    the first draft whose exit confidence is below it (that draft is dropped). The
+    verification runs blocks ``E+1..L`` on the layer-``E`` states of the fed positions,
+    accepts each row's longest agreeing prefix and appends the full model's next token.
+
+    Returns ``(new_tokens, exit_layers, stats)``: ``(B, max_new_tokens)`` each, and the
+    counts ``block_evaluations``, ``draft_tokens``, ``accepted_draft_tokens``.
+    ``max_new_tokens >= 1``.
+    """
+    device = model.device
+    num_layers = model.num_layers
+    batch = len(prompts)
+    lengths = [len(p) for p in prompts]
+    cache = KVCache.for_model(model, batch, max(lengths) + max_new_tokens)
+    # Room for the tokens of a last round that overshoots max_new_tokens; cut at the end.
+    new_tokens = torch.empty(batch, max_new_tokens + num_draft_tokens + 1, dtype=torch.long, device=device)
+    exit_layers = torch.full_like(new_tokens, num_layers)
+    (state,) = prefill(model, prompts, cache, every_layer=False)
+    new_tokens[:, 0] = sampler.pick(model.exit_head(state))
+    generated = [1] * batch
+    position = list(lengths)  # where each row's last generated token goes: prompt + generated - 1
+    last = new_tokens[:, 0].clone()
+    stats = {"block_evaluations": 0, "draft_tokens": 0, "accepted_draft_tokens": 0}
+    active = [b for b in range(batch) if generated[b] < max_new_tokens]
+    while active:
+        # No row may draft past its last new token: positions stay below max_seq_len.
+        k = min(num_draft_tokens, min(max_new_tokens - generated[b] for b in active))
+        n = len(active)
+        rows = None if n == batch else torch.tensor(active, device=device)
+        starts = [position[b] for b in active]
+        shared = len(set(starts)) == 1
+        if not shared:
+            first = torch.tensor(starts, device=device)[:, None]  # (n, 1)
+        token = last if rows is None else last[rows]
+        states, drafts, draft_logits = [], [], []
+        usable = None  # (n,) drafts each row may use, when some row stopped early
+        for i in range(k + 1):
+            if shared:
+                slots = CacheSlots.shared(model, starts[0] + i, 1, rows)
+            else:
+                slots = CacheSlots.per_row(model, first + i, rows, max(starts) + i + 1)
+            x = run_blocks(model, model.embed(token)[:, None], slots, cache, 0, draft_layers)
+            states.append(x)
+            if i == k:
+                break  # the last draft only needs its layer-E state, for the verification
+            logits = model.exit_head(x[:, 0])
+            if draft_threshold is None:
+                token = sampler.pick(logits)
+            else:
+                # Not an exit: the draft is verified by the full model either way. Only the
+                # draft depth is read, so this is the confidence test alone, not ExitRule.
+                decision = ease_kernels.exit_confidence(logits, draft_threshold)
+                token = sampler.pick(logits, decision.prediction)
+                unsure = ~decision.exit
+                if n == 1:
+                    if bool(unsure):
+                        break
+                elif bool(unsure.any()):
+                    if usable is None:
+                        usable = torch.full((n,), k, dtype=torch.long, device=device)
+                    usable = torch.where(unsure & (usable == k), i, usable)
+                    if bool((usable < k).all()):
+                        break
+            drafts.append(token)
+            draft_logits.append(logits)
+        drafted_count = len(drafts)
+        if shared:
+            slots = CacheSlots.shared(model, starts[0], drafted_count + 1, rows)
+        else:
+            positions = first + torch.arange(drafted_count + 1, device=device)
+            slots = CacheSlots.per_row(model, positions, rows, max(starts) + drafted_count + 1)
+        hidden = run_blocks(model, torch.cat(states, 1), slots, cache, draft_layers, num_layers)
+        if drafts:
+            drafted = torch.stack(drafts, 1)  # (n, drafted_count)
+            logits_q = None if sampler.greedy else torch.stack(draft_logits, 1)
+        else:
+            drafted = torch.empty(n, 0, dtype=torch.long, device=device)
+            logits_q = None if sampler.greedy else hidden.new_empty(n, 0, model.vocab_size)
+        if usable is not None:
+            usable = usable.clamp_max(drafted_count)
+        accepted, next_token = sampler.verify(drafted, logits_q, model.exit_head(hidden), usable)
+        stats["block_evaluations"] += n * (drafted_count + 1) * num_layers
+        stats["draft_tokens"] += n * drafted_count if usable is None else int(usable.sum())
+        for i, (b, count) in enumerate(zip(active, accepted.tolist())):
+            g = generated[b]
+            new_tokens[b, g : g + count] = drafted[i, :count]
+            new_tokens[b, g + count] = next_token[i]
+            exit_layers[b, g : g + count] = draft_layers
+            generated[b] += count + 1
+            position[b] += count + 1
+            stats["accepted_draft_tokens"] += count
+        if rows is None:
+            last = next_token
+        else:
+            last[rows] = next_token
+        active = [b for b in active if generated[b] < max_new_tokens]
+    return new_tokens[:, :max_new_tokens], exit_layers[:, :max_new_tokens], stats
