@@ -5,13 +5,18 @@ The models are tiny and random, with weights drawn wider than the default initia
 between about 0.1 and 0.6: thresholds in that range make tokens exit at different layers.
 """
 
+import functools
+
+import numpy as np
 import pytest
 import torch
 
 import ease_kernels
-from ease import DeepSupervisionTransformer, StandardTransformer
+from ease import DeepSupervisionTransformer, StandardTransformer, TrainingConfig
 from ease.generation import GenerationOutput, KVCache, generate
 from ease.generation.sampling import Sampler
+from ease.exits import ExitRule
+from ease.validation import ArgumentTypeError
 
 VOCAB = 50
 PROMPTS = [[3, 1, 4, 1, 5], [9, 2, 6], [5, 3, 5, 8, 9, 7, 9], [2]]
@@ -440,6 +445,93 @@ def test_bad_input_errors():
         model.generate([[1]], 2, draft_threshold=0.5)
     with pytest.raises(ValueError, match="attention_mask"):
         model.generate(torch.ones(2, 3, dtype=torch.long), 2, attention_mask=torch.ones(2, 4))
+
+
+def test_numpy_scalars_are_accepted_like_python_numbers():
+    model = random_model()
+    cases = [
+        ({"routing_threshold": 0.25, "min_exit_layer": 2},
+         {"routing_threshold": np.float64(0.25), "min_exit_layer": np.int32(2)}),
+        ({"draft_layers": 2, "num_draft_tokens": 3, "draft_threshold": 0.3},
+         {"draft_layers": np.int64(2), "num_draft_tokens": np.int16(3), "draft_threshold": np.float64(0.3)}),
+        ({"temperature": 1.0, "top_k": 10, "seed": 3, "pad_token_id": 7},
+         {"temperature": np.float32(1.0), "top_k": np.int64(10), "seed": np.uint32(3), "pad_token_id": np.int8(7)}),
+    ]
+    for python, numpy in cases:
+        a = model.generate(PROMPTS, 6, **python)
+        b = model.generate(PROMPTS, np.int64(6), **numpy)
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.token_exit_layers, b.token_exit_layers)
+    ids = [[np.int64(t) for t in PROMPTS[0]]]  # a prompt of numpy ids
+    assert torch.equal(model.generate(ids, 4).tokens, model.generate([PROMPTS[0]], 4).tokens)
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("max_new_tokens", True), ("routing_threshold", True), ("min_exit_layer", True), ("temperature", False),
+     ("top_k", True), ("draft_layers", True), ("num_draft_tokens", True), ("draft_threshold", True),
+     ("seed", True), ("pad_token_id", False)],
+)
+def test_bools_are_refused(name, value):
+    """A bool is never a number: each is an ArgumentTypeError (a TypeError and a ValueError)."""
+    options = {"max_new_tokens": 3}
+    if name in ("num_draft_tokens", "draft_threshold"):
+        options["draft_layers"] = 2
+    options[name] = value
+    with pytest.raises(ArgumentTypeError, match=name) as error:
+        generate(random_model(), [[1, 2]], **options)
+    assert isinstance(error.value, TypeError) and isinstance(error.value, ValueError)
+
+
+def test_bad_arguments_get_the_messages_of_the_other_entry_points():
+    model = random_model()
+
+    def message(call):
+        with pytest.raises(ValueError) as error:
+            call()
+        return str(error.value)
+
+    assert message(lambda: model.generate([[1]], 2, routing_threshold=1.5)) == message(
+        lambda: TrainingConfig(routing_threshold=1.5)
+    )
+    assert message(lambda: model.generate([[1]], 2, routing_threshold="0.5")) == message(
+        lambda: TrainingConfig(routing_threshold="0.5")
+    )
+    assert message(lambda: model.generate([[1]], 2, min_exit_layer=0)) == message(
+        lambda: TrainingConfig(min_exit_layer=0)
+    )
+    assert message(lambda: model.generate([[1]], 2, min_exit_layer=5)) == message(
+        lambda: ExitRule.for_model(model, None, 5)
+    )
+    assert message(lambda: model.generate([[1]], 2, seed=-1)) == message(lambda: TrainingConfig(seed=-1))
+
+
+def test_cache_and_slots_are_usable_as_exported():
+    """A caller can hold a KVCache and run the blocks over it with public CacheSlots."""
+    from ease import CacheSlots, KVCache as ExportedCache
+
+    model = random_model()
+    prompt = torch.tensor([PROMPTS[2]])
+    cache = ExportedCache.for_model(model, 1, 12)
+    assert cache.max_len == 12 and cache.keys.shape == (4, 1, 12, 2, model.config.head_dim)
+
+    def run(ids, slots):
+        x = model.embed(ids)
+        for layer, block in enumerate(model.layers, start=1):
+            x = block(x, slots.cos, slots.sin, functools.partial(cache.update, layer, slots),
+                      slots.attn_mask, slots.is_causal)
+        return model.exit_head(x[:, -1])
+
+    with torch.no_grad():
+        sequence = prompt
+        logits = run(prompt, CacheSlots.shared(model, 0, prompt.shape[1]))
+        for _ in range(4):  # greedy, one fed-back token per step
+            token = logits.argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, token], 1)
+            logits = run(token, CacheSlots.shared(model, sequence.shape[1] - 1, 1))
+    expected = model.generate(prompt, 5).new_tokens
+    assert torch.equal(torch.cat([sequence[:, prompt.shape[1]:], logits.argmax(-1, keepdim=True)], 1), expected)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        CacheSlots.shared(model, 40, 9)  # positions 40..48 of a model with max_seq_len=48
 
 
 def test_module_function_equals_method():
