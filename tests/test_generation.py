@@ -141,6 +141,43 @@ def test_prompt_and_generation_may_fill_max_seq_len():
     assert model.generate([prompt], 6, draft_layers=2, num_draft_tokens=5).new_tokens.tolist() == out.new_tokens.tolist()
 
 
+def test_a_prompt_of_max_seq_len_tokens_still_gets_one_new_token():
+    """The last new token is never fed back, so it needs no position: P + N - 1 <= max_seq_len."""
+    model = random_model(max_seq_len=16)
+    prompt = list(range(1, 17))
+    assert model.generate([prompt], 1).new_tokens[0].tolist() == full_forward_greedy(model, prompt, 1)
+    assert model.generate([prompt], 1, draft_layers=2).new_tokens[0].tolist() == full_forward_greedy(model, prompt, 1)
+    out = model.generate([prompt], 1, routing_threshold=0.3)
+    assert (out.new_tokens[0].tolist(), out.token_exit_layers[0].tolist()) == early_exit_reference(model, prompt, 1, 0.3)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.generate([prompt], 2)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.generate([prompt + [1]], 1)
+
+
+@pytest.mark.parametrize("num_draft_tokens", [1, 3, 8])
+def test_self_speculation_at_the_length_limit_stays_inside_the_rope_tables(num_draft_tokens):
+    """Prompts of 10 tokens + 7 new in max_seq_len=16: a last draft would sit at position 16.
+
+    CacheSlots refuses positions past max_seq_len, so reaching them fails the test; with 8
+    draft tokens the first round already drafts up to the last new token.
+    """
+    model = random_model(max_seq_len=16)
+    prompts = [list(range(3, 13)), [5, 9, 2], [7, 1, 8, 2, 8, 1, 8, 2, 8, 4]]
+    full = model.generate(prompts, 7)
+    for row, prompt in enumerate(prompts):
+        assert full.new_tokens[row].tolist() == full_forward_greedy(model, prompt, 7)
+    for draft_threshold in (None, 0.3):
+        spec = model.generate(prompts, 7, draft_layers=2, num_draft_tokens=num_draft_tokens,
+                              draft_threshold=draft_threshold)
+        assert torch.equal(spec.new_tokens, full.new_tokens)
+        alone = model.generate([prompts[0]], 7, draft_layers=2, num_draft_tokens=num_draft_tokens,
+                               draft_threshold=draft_threshold)
+        assert torch.equal(alone.new_tokens[0], full.new_tokens[0])
+    sampled = model.generate(prompts, 7, temperature=1.0, seed=0, draft_layers=2, num_draft_tokens=num_draft_tokens)
+    assert sampled.new_tokens.shape == (3, 7)
+
+
 def test_mode_is_restored_and_dropout_is_off():
     model = random_model(dropout=0.5).train()
     first = model.generate([PROMPTS[0]], 8).new_tokens
@@ -406,7 +443,7 @@ def test_threshold_outside_unit_interval(threshold):
 def test_bad_input_errors():
     model = random_model(max_seq_len=16)
     with pytest.raises(ValueError, match="max_seq_len"):
-        model.generate([list(range(10))], 7)
+        model.generate([list(range(10))], 8)  # 10 + 8 - 1 positions: one too many
     with pytest.raises(ValueError, match="max_seq_len"):
         model.generate(torch.zeros(1, 17, dtype=torch.long), 0)
     with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 50\)"):

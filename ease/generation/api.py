@@ -74,12 +74,19 @@ def check_prompts(model: EarlyExitDecoder, input_ids: Any, attention_mask: torch
 
 
 def check_length(model: EarlyExitDecoder, prompts: list[torch.Tensor], max_new_tokens: int) -> None:
-    """Refuse a longest prompt plus ``max_new_tokens`` longer than ``max_seq_len``."""
+    """Refuse prompts and ``max_new_tokens`` that need more positions than ``max_seq_len``.
+
+    The prompt's positions are fed, and each new token but the last is fed back at the
+    next position: the longest prompt ``P`` needs ``P + max_new_tokens - 1`` positions (at
+    least ``P``). The last new token needs none, so a prompt of exactly ``max_seq_len``
+    tokens may still get one.
+    """
     longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > model.config.max_seq_len:
+    needed = longest + max(max_new_tokens - 1, 0)
+    if needed > model.config.max_seq_len:
         raise ValueError(
-            f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} is longer than "
-            f"the model's max_seq_len={model.config.max_seq_len}"
+            f"a prompt of {longest} tokens with max_new_tokens={max_new_tokens} needs {needed} positions "
+            f"(the last new token is never fed back), more than the model's max_seq_len={model.config.max_seq_len}"
         )
 
 
@@ -139,8 +146,9 @@ def generate(
         input_ids: the prompts: a ``(B, T)`` (or ``(T,)``) integer tensor, optionally with
             ``attention_mask``, or a list of prompts of any lengths (lists of ids or 1-D
             tensors). Every prompt needs at least one token.
-        max_new_tokens: tokens to generate per prompt (``>= 0``); the longest prompt plus
-            this must fit in ``max_seq_len``.
+        max_new_tokens: tokens to generate per prompt (``>= 0``). The longest prompt ``P``
+            must satisfy ``P + max_new_tokens - 1 <= max_seq_len`` (and ``P <= max_seq_len``):
+            the last new token is never fed back, so it needs no position of its own.
         routing_threshold: None for full depth; else a number in (0, 1]: a token exits
             after the first block ``l >= min_exit_layer`` whose exit-head top-1 probability
             reaches it (:class:`ease.exits.ExitRule`), with state propagation filling the
@@ -172,7 +180,7 @@ def generate(
             :class:`~ease.validation.ArgumentTypeError`, which is a ``ValueError`` too),
             e.g. a string ``routing_threshold`` or a bool ``max_new_tokens``.
         ValueError: ``routing_threshold`` or ``draft_threshold`` outside (0, 1]; prompts
-            plus ``max_new_tokens`` longer than ``max_seq_len``; token ids
+            and ``max_new_tokens`` that need more than ``max_seq_len`` positions; token ids
             outside ``[0, vocab_size)``; an empty prompt; ``max_new_tokens``,
             ``temperature``, ``top_k``, ``min_exit_layer``, ``draft_layers``,
             ``num_draft_tokens`` or ``seed`` out of range; ``routing_threshold`` with

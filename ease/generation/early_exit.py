@@ -207,7 +207,8 @@ def generate_early_exit(
     batch = len(prompts)
     lengths = [len(p) for p in prompts]
     longest = max(lengths)
-    cache = KVCache.for_model(model, batch, longest + max_new_tokens)
+    # The last new token is never fed back: the steps feed positions up to longest + N - 2.
+    cache = KVCache.for_model(model, batch, longest + max_new_tokens - 1)
     new_tokens = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
     exit_layers = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
     states = prefill(model, prompts, cache, every_layer=rule.exits_early)

@@ -57,7 +57,10 @@ def generate_speculative(
     num_layers = model.num_layers
     batch = len(prompts)
     lengths = [len(p) for p in prompts]
-    cache = KVCache.for_model(model, batch, max(lengths) + max_new_tokens)
+    max_seq_len = model.config.max_seq_len
+    # A round feeds positions up to a row's prompt + max_new_tokens - 1 (the last draft, for
+    # the verification's bonus token), but never past the RoPE tables (see k below).
+    cache = KVCache.for_model(model, batch, min(max(lengths) + max_new_tokens, max_seq_len))
     # Room for the tokens of a last round that overshoots max_new_tokens; cut at the end.
     new_tokens = torch.empty(batch, max_new_tokens + num_draft_tokens + 1, dtype=torch.long, device=device)
     exit_layers = torch.full_like(new_tokens, num_layers)
@@ -69,8 +72,16 @@ def generate_speculative(
     stats = {"block_evaluations": 0, "draft_tokens": 0, "accepted_draft_tokens": 0}
     active = [b for b in range(batch) if generated[b] < max_new_tokens]
     while active:
-        # No row may draft past its last new token: positions stay below max_seq_len.
-        k = min(num_draft_tokens, min(max_new_tokens - generated[b] for b in active))
+        # No row drafts past its last new token, nor feeds a position past max_seq_len - 1.
+        # A round feeds positions start .. start + k. The second bound binds only for a row
+        # whose last new token would sit at position max_seq_len (prompt + max_new_tokens - 1
+        # = max_seq_len): its last round drafts one token fewer, and the full model supplies
+        # the token that draft would have been (the last new token is never fed back).
+        k = min(
+            num_draft_tokens,
+            min(max_new_tokens - generated[b] for b in active),
+            min(max_seq_len - 1 - position[b] for b in active),
+        )
         n = len(active)
         rows = None if n == batch else torch.tensor(active, device=device)
         starts = [position[b] for b in active]
