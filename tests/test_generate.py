@@ -1,4 +1,4 @@
-"""Tests of the ``python -m ease.generate`` command (ease.generate)."""
+"""Tests of the ``python -m ease.cli.generate`` command (ease.cli.generate)."""
 
 import json
 import subprocess
@@ -9,7 +9,7 @@ import torch
 
 from ease import DeepSupervisionTransformer
 from ease.data import train_tokenizer
-from ease.generate import main
+from ease.cli.generate import main
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40 + "Pack my box with five dozen liquor jugs. " * 40
 
@@ -66,7 +66,7 @@ def test_clear_errors(saved_model, tmp_path, capsys):
 def test_runs_as_a_module(saved_model):
     directory, _, _ = saved_model
     done = subprocess.run(
-        [sys.executable, "-m", "ease.generate", "--model", str(directory), "--prompt", "Pack my",
+        [sys.executable, "-m", "ease.cli.generate", "--model", str(directory), "--prompt", "Pack my",
          "--max-new-tokens", "3"],
         capture_output=True, text=True, timeout=120,
     )

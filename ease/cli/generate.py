@@ -1,6 +1,6 @@
-"""Generate text from a saved model: ``python -m ease.generate`` (or ``ease-generate``).
+"""Generate text from a saved model: ``python -m ease.cli.generate`` (or ``ease-generate``).
 
-    python -m ease.generate --model runs/experiments/models/deep_supervision \\
+    python -m ease.cli.generate --model runs/experiments/models/deep_supervision \\
         --prompt "The built-in function" --threshold 0.9 --max-new-tokens 50
 
 Loads a folder written by ``save_pretrained`` and a tokenizer (``tokenizer.json`` in that
@@ -26,7 +26,7 @@ TOKENIZER_NAME = "tokenizer.json"
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments."""
     parser = argparse.ArgumentParser(
-        prog="python -m ease.generate", description=__doc__.split("\n\n")[0].split(": ")[0] + "."
+        prog="python -m ease.cli.generate", description=__doc__.split("\n\n")[0].split(": ")[0] + "."
     )
     parser.add_argument("--model", required=True, help="folder written by save_pretrained")
     prompt = parser.add_mutually_exclusive_group(required=True)
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     new_ids = out.new_tokens[0].tolist()
-    exit_layers = out.exit_layers[0].tolist()
+    exit_layers = out.token_exit_layers[0].tolist()
     text = tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=False) if tokenizer else None
     report = {
         "text": text,
