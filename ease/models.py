@@ -9,6 +9,7 @@ state; all layers share it. ``forward`` computes logits only for the layers aske
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -92,10 +93,48 @@ class ModelConfig:
         self.norm_eps = check_real("norm_eps", self.norm_eps, 0.0, expected="a finite number >= 0")
         self.rope_theta = check_real("rope_theta", self.rope_theta, 0.0, above=True, expected="a finite number > 0")
         self.tie_embeddings = check_bool("tie_embeddings", self.tie_embeddings)
+        _check_rope_scaling(self.rope_scaling)
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
+
+
+_ROPE_TYPES = ("default", "llama3")
+
+
+def _check_rope_scaling(scaling: object) -> None:
+    """``rope_scaling`` as :func:`ease_kernels.rope_inv_freq` reads it: None, or a dict.
+
+    ``rope_type`` (or the older ``type``) is ``"default"`` or ``"llama3"``; llama3 needs
+    ``factor`` > 0, and its optional ``low_freq_factor`` > 0, ``high_freq_factor`` >
+    ``low_freq_factor`` (the band between them is interpolated: equal values divide by
+    zero) and ``original_max_position_embeddings`` >= 1 default to 1, 4 and 8192.
+    """
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict):
+        raise ValueError(f"rope_scaling must be None or a dict with a 'rope_type' in {_ROPE_TYPES}, got {scaling!r}")
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in _ROPE_TYPES:
+        raise ValueError(f"rope_scaling['rope_type'] must be one of {_ROPE_TYPES}, got {rope_type!r}")
+    if rope_type == "default":
+        return
+    if "factor" not in scaling:
+        raise ValueError(f"rope_scaling with rope_type 'llama3' needs the key 'factor', got {scaling!r}")
+    check_real("rope_scaling['factor']", scaling["factor"], 0.0, above=True, expected="a finite number > 0")
+    low = check_real(
+        "rope_scaling['low_freq_factor']", scaling.get("low_freq_factor", 1.0), 0.0, above=True,
+        expected="a finite number > 0",
+    )  # fmt: skip
+    check_real(
+        "rope_scaling['high_freq_factor']", scaling.get("high_freq_factor", 4.0), low, above=True,
+        expected=f"a finite number > low_freq_factor={low:g}",
+    )  # fmt: skip
+    check_int(
+        "rope_scaling['original_max_position_embeddings']",
+        scaling.get("original_max_position_embeddings", 8192), 1, expected="a positive integer",
+    )  # fmt: skip
 
 
 # Before the exit head was a module of its own, its parameters were the model's "norm.*"
@@ -274,18 +313,29 @@ class EarlyExitDecoder(nn.Module):
 
     # -- persistence ----------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (atomically).
+        """Write ``model.safetensors``, then ``config.json``, into ``directory``.
 
-        Each file is written to a temporary name in the directory and renamed, so an
-        interrupted save never leaves a half-written file under the real name.
+        Each file is written to a temporary name in the directory, flushed to disk and
+        renamed, so an interrupted save never leaves a half-written file under the real
+        name. ``config.json`` is written last and records the SHA-256 of the weights it
+        goes with (``weights_sha256``): a save killed between the two renames leaves new
+        weights beside the old config, which :meth:`from_pretrained` refuses rather than
+        load as a mix (save again to repair it); a completed save loads as the new model.
         """
         from safetensors.torch import save_model
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        payload = {"model_class": type(self).__name__, "config": dataclasses.asdict(self.config)}
         with atomic_path(directory / WEIGHTS_NAME) as tmp:
             save_model(self, str(tmp))
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())  # on disk before the rename publishes it
+            digest = _sha256(tmp)
+        payload = {
+            "model_class": type(self).__name__,
+            "config": dataclasses.asdict(self.config),
+            "weights_sha256": digest,
+        }
         atomic_write_text(directory / CONFIG_NAME, json.dumps(payload, indent=2))
         return directory
 
@@ -297,14 +347,28 @@ class EarlyExitDecoder(nn.Module):
 
         Called on :class:`EarlyExitDecoder` (or ``ease.load_model``), the class recorded in
         ``config.json`` is built; called on a subclass, that subclass is built.
+
+        The weights are checked against the SHA-256 that ``config.json`` records (folders
+        saved before it was recorded load unchecked), and every tensor must hold floating
+        point numbers.
+
+        Raises:
+            FileNotFoundError: no ``config.json`` or ``model.safetensors`` in ``directory``.
+            ValueError: ``config.json`` that is not a JSON object of an ease model (the
+                message names the file and the key); weights that do not match its
+                checksum (corrupt, or a save interrupted between the two files); a tensor
+                that is not floating point (named, with its dtype); a file safetensors
+                cannot read.
+            RuntimeError: the weights do not fit the model the config describes.
         """
         from safetensors.torch import load_model
 
         directory = Path(directory)
         config_path = directory / CONFIG_NAME
+        weights_path = directory / WEIGHTS_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
-        payload = json.loads(config_path.read_text())
+        payload = _read_json_object(config_path)
         model_cls = cls
         if cls is EarlyExitDecoder:
             model_cls = MODEL_CLASSES.get(payload.get("model_class"))
@@ -313,10 +377,82 @@ class EarlyExitDecoder(nn.Module):
                     f"{config_path}: model_class must be one of {sorted(MODEL_CLASSES)}, "
                     f"got {payload.get('model_class')!r}"
                 )
-        config = dict(payload["config"])
-        model = model_cls(config.pop("vocab_size"), config.pop("dim"), config.pop("num_layers"), **config)
-        load_model(model, str(directory / WEIGHTS_NAME), strict=True, device=str(map_location))
+        config = _config_fields(payload, config_path)
+        try:
+            model = model_cls(config.pop("vocab_size"), config.pop("dim"), config.pop("num_layers"), **config)
+        except ValueError as error:
+            raise ValueError(f"{config_path}: {error}") from error
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory} (its {CONFIG_NAME} is there)")
+        expected = payload.get("weights_sha256")
+        if expected is not None:
+            if not isinstance(expected, str):
+                raise ValueError(f"{config_path}: weights_sha256 must be a hex string, got {expected!r}")
+            actual = _sha256(weights_path)
+            if actual != expected:
+                raise ValueError(
+                    f"{weights_path} does not match the checksum in {config_path} (sha256 {actual}, "
+                    f"recorded {expected}): the file is corrupt, or a save was interrupted between "
+                    "the two files; save the model again"
+                )
+        _check_floating_tensors(weights_path)  # reads the header: an unreadable file fails here
+        load_model(model, str(weights_path), strict=True, device=str(map_location))
         return model.to(map_location)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _config_fields(payload: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The ``"config"`` object of a saved model's ``config.json``, its keys checked."""
+    config = payload.get("config")
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: 'config' must be a dict of ModelConfig fields, got {config!r}")
+    known = [field.name for field in dataclasses.fields(ModelConfig)]
+    for key in ("vocab_size", "dim", "num_layers"):
+        if key not in config:
+            raise ValueError(f"{path}: config.{key} is missing")
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+        raise ValueError(f"{path}: unknown field(s) {unknown} in 'config'; ModelConfig has {known}")
+    return dict(config)
+
+
+def _check_floating_tensors(path: Path) -> None:
+    """Refuse integer or bool tensors: loading would cast them silently into float weights."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            dtypes = {name: handle.get_slice(name).get_dtype() for name in handle.keys()}
+    except Exception as error:  # safetensors' own error type
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+    for name, dtype in dtypes.items():
+        if not dtype.startswith(("F", "BF")):  # F16, BF16, F32, F64, F8_*
+            torch_name = _SAFETENSORS_DTYPES.get(dtype, dtype)
+            raise ValueError(f"{path}: tensor {name!r} has dtype {torch_name}; model weights must be floating point")
+
+
+# safetensors' dtype codes, as torch names them, for messages.
+_SAFETENSORS_DTYPES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16",
+    "I32": "int32", "U32": "uint32", "I64": "int64", "U64": "uint64",
+}  # fmt: skip
 
 
 class StandardTransformer(EarlyExitDecoder):

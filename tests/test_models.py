@@ -1,7 +1,12 @@
 """Tests of ease.models: shapes, layer selection, causality, validation, persistence."""
 
+import hashlib
+import json
+import re
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import ease_kernels
 from conftest import KERNEL_DEVICE
@@ -100,6 +105,12 @@ def test_load_errors(tmp_path):
         (dict(num_kv_heads=3), "num_kv_heads"),
         (dict(dropout=1.0), "dropout"),
         (dict(num_layers=0), "num_layers"),
+        (dict(num_heads=2.0), "num_heads must be an integer"),
+        (dict(tie_embeddings="no"), "tie_embeddings must be True or False"),
+        (dict(rope_scaling={"rope_type": "llama3"}), r"rope_scaling.*'factor'"),
+        (dict(rope_scaling={"rope_type": "llama3", "factor": 0}), r"rope_scaling\['factor'\]"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), r"rope_scaling.*'yarn'"),
+        (dict(rope_scaling=[8.0]), "rope_scaling must be"),
     ],
 )
 def test_config_errors(kwargs, match):
@@ -107,6 +118,99 @@ def test_config_errors(kwargs, match):
     base.update(kwargs)
     with pytest.raises(ValueError, match=match):
         ModelConfig(**base)
+
+
+def test_valid_rope_scaling_is_kept_as_given():
+    scaling = {"rope_type": "llama3", "factor": 8.0}
+    assert ModelConfig(vocab_size=97, dim=32, num_layers=3, rope_scaling=scaling).rope_scaling == scaling
+    assert ModelConfig(vocab_size=97, dim=32, num_layers=3, rope_scaling={"rope_type": "default"}).rope_scaling
+
+
+# -- what a saved model refuses ------------------------------------------------------------------
+def flip_a_weight_byte(path):
+    """Invert one byte in the tensor data of a safetensors file (past its JSON header)."""
+    data = bytearray(path.read_bytes())
+    header = int.from_bytes(data[:8], "little")
+    data[8 + header + (len(data) - 8 - header) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def edit_config(directory, change):
+    config = json.loads((directory / "config.json").read_text())
+    change(config)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def test_a_flipped_byte_in_the_weights_is_refused(tmp_path):
+    tiny().save_pretrained(tmp_path)
+    flip_a_weight_byte(tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "model.safetensors")) + ".*checksum"):
+        load_model(tmp_path)
+
+
+def test_a_save_interrupted_between_the_two_files_is_never_loaded(tmp_path, monkeypatch):
+    """Killed after the new weights are in place but before the new config is: the folder
+    must not load as the new weights under the old config (here: the old dropout)."""
+    tiny(dropout=0.0).save_pretrained(tmp_path)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies before writing config.json
+
+    monkeypatch.setattr("ease.models.atomic_write_text", killed)
+    torch.manual_seed(1)
+    with pytest.raises(KeyboardInterrupt):
+        DeepSupervisionTransformer(97, 32, 3, max_seq_len=24, dropout=0.1).save_pretrained(tmp_path)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"model\.safetensors does not match .*config\.json"):
+        load_model(tmp_path)
+    tiny().save_pretrained(tmp_path)  # saving again repairs it
+    assert torch.equal(load_model(tmp_path).embed.weight, tiny().embed.weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_integer_or_bool_weights_are_refused_naming_the_tensor(tmp_path, dtype):
+    tiny().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    state = load_file(weights)
+    state["layers.1.ffn_norm.weight"] = state["layers.1.ffn_norm.weight"].to(dtype)
+    save_file(state, weights)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    edit_config(tmp_path, lambda c: c.update(weights_sha256=digest))  # crafted: the checksum fits
+    with pytest.raises(ValueError, match=rf"'layers\.1\.ffn_norm\.weight' has dtype {str(dtype).removeprefix('torch.')}"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda c: c["config"].pop("vocab_size"), r"config\.vocab_size is missing"),
+        (lambda c: c["config"].update(num_heads=0), "num_heads must be"),
+        (lambda c: c["config"].update(bogus=1), r"unknown field.*'bogus'"),
+        (lambda c: c.update(config=[1, 2]), "'config' must be a dict"),
+        (lambda c: c.update(weights_sha256=5), "weights_sha256 must be"),
+    ],
+    ids=["missing-vocab", "bad-value", "unknown-field", "config-list", "checksum-type"],
+)
+def test_a_bad_config_is_refused_naming_the_file_and_key(tmp_path, change, match):
+    tiny().save_pretrained(tmp_path)
+    edit_config(tmp_path, change)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "config.json")) + ".*" + match):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "{not json", '"a string"'])
+def test_a_config_that_is_not_a_json_object_is_refused(tmp_path, text):
+    tiny().save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "config.json"))):
+        load_model(tmp_path)
+
+
+def test_missing_weights_are_named(tmp_path):
+    tiny().save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_model(tmp_path)
 
 
 def test_input_errors():

@@ -217,16 +217,20 @@ def _as_tuples(value: Any) -> Any:
 
 
 _RNG_KEYS = ("python", "numpy", "torch", "cuda", "generators")
+# What TrainingProgress.as_dict always writes (``position`` only when a run counts steps).
+_PROGRESS_FIELDS = (
+    "epoch", "step", "best_val_loss", "best_epoch", "epochs_without_improvement", "best_state", "history",
+)  # fmt: skip
 
 
 def check_progress(values: object, name: str) -> dict[str, Any]:
     """``values`` (a :meth:`TrainingProgress.as_dict`) checked field by field; returned as is.
 
-    ``epoch`` and ``step`` must be integers >= 0, and ``history`` must hold one dict per
-    finished epoch, as the trainer writes it: that bounds ``epoch`` by what the file
-    holds, so a crafted ``epoch=10**9`` (which would skip every epoch of the resumed
-    run) is refused without an arbitrary cap. ``best_epoch`` and
-    ``epochs_without_improvement`` are at most ``epoch``.
+    ``epoch`` and ``step`` must be integers >= 0; ``best_epoch`` and
+    ``epochs_without_improvement`` are at most ``epoch``. A run counted in epochs (no
+    ``position``) has one ``history`` dict per finished epoch, as the trainer writes it:
+    that bounds ``epoch`` by what the file holds, so a crafted ``epoch=10**9`` (which
+    would skip every epoch of the resumed run) is refused without an arbitrary cap.
 
     Args:
         values: the dict to check.
@@ -237,7 +241,7 @@ def check_progress(values: object, name: str) -> dict[str, Any]:
     """
     if not isinstance(values, dict):
         raise ValueError(f"{name} must be a dict of the training progress, got {type(values).__name__}")
-    missing = [field for field in TrainingProgress.__dataclass_fields__ if field not in values]
+    missing = [field for field in _PROGRESS_FIELDS if field not in values]
     if missing:
         raise ValueError(f"{name}.{missing[0]} is missing (the training progress needs {missing})")
     epoch = check_int(f"{name}.epoch", values["epoch"], 0, expected="an integer >= 0")
@@ -253,7 +257,10 @@ def check_progress(values: object, name: str) -> dict[str, Any]:
     history = values["history"]
     if not isinstance(history, list) or not all(isinstance(entry, dict) for entry in history):
         raise ValueError(f"{name}.history must be a list of dicts, got {type(history).__name__}")
-    if len(history) != epoch:
+    position = values.get("position")
+    if position is not None and not isinstance(position, dict):
+        raise ValueError(f"{name}.position must be None or a dict, got {type(position).__name__}")
+    if position is None and len(history) != epoch:
         raise ValueError(
             f"{name}.epoch must equal the number of epochs in {name}.history ({len(history)}), got {epoch}"
         )
