@@ -48,6 +48,24 @@ def test_json_output_with_ids_and_self_speculation(saved_model, capsys):
     assert 0.0 <= report["acceptance_rate"] <= 1.0 and report["num_layers"] == 3
 
 
+def _not_json(constant):
+    raise AssertionError(f"{constant} is not JSON")
+
+
+@pytest.mark.parametrize(
+    "flags, key",
+    [(["--max-new-tokens", "0"], "mean_exit_layer"),
+     (["--max-new-tokens", "1", "--draft-layers", "1"], "acceptance_rate")],
+    ids=["no-tokens", "nothing-drafted"],
+)
+def test_json_output_is_json_when_a_mean_is_undefined(saved_model, capsys, flags, key):
+    """No new token has no mean exit layer, no draft no acceptance rate: null, not NaN."""
+    directory, _, _ = saved_model
+    assert main(["--model", str(directory), "--prompt-ids", "5 6", "--json", *flags]) == 0
+    report = json.loads(capsys.readouterr().out, parse_constant=_not_json)
+    assert report[key] is None
+
+
 def test_clear_errors(saved_model, tmp_path, capsys):
     directory, _, _ = saved_model
     assert main(["--model", str(directory), "--prompt", "The", "--threshold", "1.5"]) == 2

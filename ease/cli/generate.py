@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -68,6 +69,11 @@ def _parse_ids(text: str) -> list[int]:
         raise ValueError(f"--prompt-ids must be integers separated by spaces or commas, got {text!r}") from None
 
 
+def _finite_or_none(value: float) -> float | None:
+    """``value``, or None where it is undefined (NaN, as the mean of no tokens): JSON has no NaN."""
+    return value if math.isfinite(value) else None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit status (0, or 2 on a bad argument or file)."""
     args = build_parser().parse_args(argv)
@@ -101,14 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_ids": prompt_ids,
         "new_ids": new_ids,
         "exit_layers": exit_layers,
-        "mean_exit_layer": out.mean_exit_layer,
+        "mean_exit_layer": _finite_or_none(out.mean_exit_layer),
         "num_layers": out.num_layers,
         "tokens_per_second": len(new_ids) / seconds if seconds > 0 else None,
     }
     if args.draft_layers is not None:
-        report["acceptance_rate"] = out.acceptance_rate
+        report["acceptance_rate"] = _finite_or_none(out.acceptance_rate)
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(report, allow_nan=False))
         return 0
     print(text if text is not None else " ".join(map(str, prompt_ids + new_ids)))
     if args.show_exits:
