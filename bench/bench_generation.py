@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     baseline: dict[int, tuple[float, torch.Tensor]] = {}
     for i, (batch, mode, setting, options) in enumerate(cases):
         new = torch.cat([o.new_tokens for o in outputs[i]])
-        exits = torch.cat([o.exit_layers for o in outputs[i]])
+        exits = torch.cat([o.token_exit_layers for o in outputs[i]])
         seconds = statistics.median(times[i])
         tokens_per_s = new.numel() / seconds
         if mode == "full":
