@@ -135,8 +135,8 @@ def _cache_key(text: str, vocab_size: int) -> str:
     return digest.hexdigest()[:20]
 
 
-def _train_bpe(text: str, vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE tokenizer on ``text`` (no caching)."""
+def _train_bpe(text: str | Sequence[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE tokenizer on ``text``, one string or a list of documents (no caching)."""
     tokenizer = Tokenizer(models.BPE())
     # add_prefix_space=False so that decode(encode(text)) == text exactly.
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -151,10 +151,31 @@ def _train_bpe(text: str, vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    # One string, not lines: the pre-tokenizer then sees the text exactly as encode() will,
+    # Whole strings, not lines: the pre-tokenizer then sees each text exactly as encode() will,
     # so the merges are learnt on the same words that are later encoded.
-    tokenizer.train_from_iterator([text], trainer=trainer, length=1)
+    texts = [text] if isinstance(text, str) else list(text)
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
     return tokenizer
+
+
+def _check_vocab_size(vocab_size: object) -> None:
+    """Raise unless ``vocab_size`` is an int of at least 257."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
+    if vocab_size < _MIN_VOCAB_SIZE:
+        raise ValueError(
+            f"vocab_size must be at least {_MIN_VOCAB_SIZE} (256 bytes + {END_OF_TEXT}), got {vocab_size}"
+        )
+
+
+def _warn_if_vocab_short(tokenizer: Tokenizer, vocab_size: int, what: str, stacklevel: int) -> None:
+    """Warn when the training text was too small to supply ``vocab_size`` tokens."""
+    if tokenizer.get_vocab_size() < vocab_size:
+        warnings.warn(
+            f"the {what} only supports {tokenizer.get_vocab_size()} tokens, fewer than "
+            f"vocab_size={vocab_size}; use tokenizer.get_vocab_size() as the model's vocabulary",
+            stacklevel=stacklevel,
+        )
 
 
 def tokenizer_cache_path(text: str, vocab_size: int, cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -197,24 +218,14 @@ def train_tokenizer(
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     if not text.strip():
         raise ValueError("text is empty (or only whitespace); cannot train a tokenizer on it")
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
-        raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
-    if vocab_size < _MIN_VOCAB_SIZE:
-        raise ValueError(
-            f"vocab_size must be at least {_MIN_VOCAB_SIZE} (256 bytes + {END_OF_TEXT}), got {vocab_size}"
-        )
+    _check_vocab_size(vocab_size)
 
     path = tokenizer_cache_path(text, vocab_size, cache_dir)
     if path.is_file():
         return Tokenizer.from_file(str(path))
 
     tokenizer = _train_bpe(text, vocab_size)
-    if tokenizer.get_vocab_size() < vocab_size:
-        warnings.warn(
-            f"the text only supports {tokenizer.get_vocab_size()} tokens, fewer than "
-            f"vocab_size={vocab_size}; use tokenizer.get_vocab_size() as the model's vocabulary",
-            stacklevel=2,
-        )
+    _warn_if_vocab_short(tokenizer, vocab_size, "text", stacklevel=3)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, tokenizer.to_str())
     return tokenizer
