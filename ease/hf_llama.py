@@ -42,6 +42,7 @@ import torch
 import ease_kernels
 from ease._io import atomic_path, atomic_write_text
 from ease.models import DeepSupervisionTransformer, EarlyExitDecoder, StandardTransformer
+from ease.validation import check_bool, check_int
 
 HF_ARCHITECTURE = "LlamaForCausalLM"
 HF_MODEL_TYPE = "llama"
@@ -76,6 +77,22 @@ def _require(config: Mapping[str, Any], key: str, source: str) -> Any:
     if config.get(key) is None:
         raise ValueError(f"{source}: the Llama config has no {key!r}")
     return config[key]
+
+
+def _count(config: Mapping[str, Any], key: str, source: str, default: int | None = None) -> int:
+    """A size field (``hidden_size``, ``num_attention_heads``, ...): an integer >= 1.
+
+    Absent (or ``null``) it is ``default``, or an error when there is none. Zero, a
+    negative number, a float or a string is refused: ``0`` heads used to divide by zero,
+    and ``num_key_value_heads: 0`` or ``max_position_embeddings: 0`` were replaced by a
+    default without a word.
+    """
+    value = config.get(key)
+    if value is None:
+        if default is None:
+            raise ValueError(f"{source}: the Llama config has no {key!r}")
+        return default
+    return check_int(f"{source}: {key}", value, 1)
 
 
 def _rope_settings(config: Mapping[str, Any], source: str) -> tuple[float, dict | None]:
@@ -148,15 +165,17 @@ def model_kwargs_from_hf_config(
         "dropout"}``.
 
     Raises:
-        ValueError: a model that is not ``LlamaForCausalLM``, a missing field, or a
-            feature EASE's blocks do not have (biases, a ``head_dim`` other than
-            ``hidden_size // num_attention_heads``, an activation other than SiLU, RoPE
-            other than default or llama3), each named.
+        ValueError: a model that is not ``LlamaForCausalLM``, a missing field, a size
+            that is not an integer >= 1 (``num_attention_heads: 0``), a
+            ``tie_word_embeddings`` that is not a JSON boolean, or a feature EASE's
+            blocks do not have (biases, a ``head_dim`` other than ``hidden_size //
+            num_attention_heads``, an activation other than SiLU, RoPE other than default
+            or llama3), each named.
     """
     _check_architecture(config, source)
-    dim = int(_require(config, "hidden_size", source))
-    num_heads = int(_require(config, "num_attention_heads", source))
-    num_kv_heads = int(config.get("num_key_value_heads") or num_heads)
+    dim = _count(config, "hidden_size", source)
+    num_heads = _count(config, "num_attention_heads", source)
+    num_kv_heads = _count(config, "num_key_value_heads", source, default=num_heads)
     head_dim = config.get("head_dim")
     if head_dim is not None and (dim % num_heads or int(head_dim) != dim // num_heads):
         raise ValueError(
@@ -171,19 +190,21 @@ def model_kwargs_from_hf_config(
             raise ValueError(f"{source}: {flag}=True is not supported; EASE's projections have no bias")
     theta, scaling = _rope_settings(config, source)
     if max_seq_len is None:
-        max_seq_len = int(config.get("max_position_embeddings") or 2048)
+        max_seq_len = _count(config, "max_position_embeddings", source, default=2048)  # LlamaConfig's default
+    tied = config.get("tie_word_embeddings")
     return {
-        "vocab_size": int(_require(config, "vocab_size", source)),
+        "vocab_size": _count(config, "vocab_size", source),
         "dim": dim,
-        "num_layers": int(_require(config, "num_hidden_layers", source)),
+        "num_layers": _count(config, "num_hidden_layers", source),
         "num_heads": num_heads,
         "num_kv_heads": num_kv_heads,
-        "ffn_dim": int(_require(config, "intermediate_size", source)),
-        "max_seq_len": int(max_seq_len),
+        "ffn_dim": _count(config, "intermediate_size", source),
+        "max_seq_len": check_int("max_seq_len", max_seq_len, 1),
         "rope_theta": theta,
         "rope_scaling": scaling,
         "norm_eps": float(config.get("rms_norm_eps", 1e-6)),
-        "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
+        # LlamaConfig's default is False; a string such as "false" is refused, not read as True.
+        "tie_embeddings": False if tied is None else check_bool(f"{source}: tie_word_embeddings", tied),
         "dropout": 0.0,
     }
 
@@ -276,6 +297,9 @@ class _TensorSource:
             raise ValueError(
                 f"{self.where(name)}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}"
             )
+        if not tensor.is_floating_point():  # an integer or bool tensor would be cast silently
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise ValueError(f"{self.where(name)}: tensor {name!r} has dtype {dtype}; weights must be floating point")
         return tensor
 
 
@@ -296,6 +320,22 @@ def _source_from_model(model: torch.nn.Module) -> tuple[dict[str, Any], _TensorS
     return config, _TensorSource(state, state.__getitem__, lambda name: label, borrowed=True), label
 
 
+def _check_shard_name(file: object, index_path: Path) -> None:
+    """A shard named by the index must be a relative path inside the model folder.
+
+    Checked on the name, not on the resolved path: symbolic links inside the folder
+    (the Hugging Face cache links every file to a blob elsewhere) are the folder's own.
+    """
+    if not isinstance(file, str) or not file:
+        raise ValueError(f"{index_path} names shard {file!r}; shard names must be non-empty strings")
+    pieces = file.replace("\\", "/").split("/")  # either separator, whichever system wrote the index
+    if Path(file).is_absolute() or file.startswith(("/", "\\")) or ".." in pieces or ":" in pieces[0]:
+        raise ValueError(
+            f"{index_path} names shard {file!r}, outside the model folder; shards must be relative "
+            "paths inside it"
+        )
+
+
 def _source_from_directory(directory: Path) -> tuple[dict[str, Any], _TensorSource, str]:
     from safetensors import safe_open
 
@@ -311,6 +351,8 @@ def _source_from_directory(directory: Path) -> tuple[dict[str, Any], _TensorSour
         weight_map = json.loads(index_path.read_text(encoding="utf-8")).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index_path}: no 'weight_map' dict")
+        for file in weight_map.values():
+            _check_shard_name(file, index_path)
         files = sorted(set(weight_map.values()))
         for file in files:
             if not (directory / file).is_file():
@@ -444,8 +486,10 @@ def from_hf_llama(
     Raises:
         FileNotFoundError: a directory without ``config.json`` or safetensors files.
         ValueError: an architecture other than ``LlamaForCausalLM``, an unsupported
-            feature, a missing or unexpected tensor, or a tensor of the wrong shape; the
-            message names it (and the file it was read from).
+            feature or a bad config value, a missing or unexpected tensor, a tensor of
+            the wrong shape or of an integer or bool dtype, or an index naming a shard
+            outside the directory (``../x.safetensors``, an absolute path); the message
+            names it (and the file it was read from).
     """
     cls = _resolve_model_class(model_class)
     if _is_hf_model(model_or_dir):

@@ -10,6 +10,7 @@ run in float64 on the same weights.
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -371,6 +372,59 @@ def test_unsupported_in_memory_architecture_is_named():
 def test_unsupported_config_is_named(checkpoint, change, message):
     with pytest.raises(ValueError, match=message):
         from_hf_llama(checkpoint(config=change))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.update(num_attention_heads=0), "num_attention_heads must be an integer >= 1, got 0"),
+        (lambda c: c.update(num_key_value_heads=0), "num_key_value_heads must be an integer >= 1, got 0"),
+        (lambda c: c.update(max_position_embeddings=0), "max_position_embeddings must be an integer >= 1, got 0"),
+        (lambda c: c.update(tie_word_embeddings="false"), "tie_word_embeddings must be True or False, got 'false'"),
+        (lambda c: c.update(hidden_size=64.5), "hidden_size must be an integer >= 1, got 64.5"),
+        (lambda c: c.update(vocab_size=-1), "vocab_size must be an integer >= 1, got -1"),
+    ],
+    ids=["zero-heads", "zero-kv-heads", "zero-positions", "string-tie", "float-width", "negative-vocab"],
+)
+def test_bad_config_values_are_refused_naming_the_key(checkpoint, change, message):
+    """Each was accepted or failed far away: ZeroDivisionError, a silent num_heads or 2048,
+    tie_word_embeddings "false" read as True, 64.5 truncated to 64."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        from_hf_llama(checkpoint(config=change))
+
+
+def test_absent_optional_fields_take_the_llama_defaults():
+    config = llama_config().to_dict()
+    for key in ("num_key_value_heads", "max_position_embeddings", "tie_word_embeddings"):
+        config.pop(key)
+    kwargs = model_kwargs_from_hf_config(config)
+    assert (kwargs["num_kv_heads"], kwargs["max_seq_len"], kwargs["tie_embeddings"]) == (4, 2048, False)
+    config["num_key_value_heads"] = None  # written as null: the same as absent
+    assert model_kwargs_from_hf_config(config)["num_kv_heads"] == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_integer_or_bool_tensors_are_refused_naming_the_tensor(checkpoint, dtype):
+    def cast(state):
+        state["model.layers.0.mlp.down_proj.weight"] = state["model.layers.0.mlp.down_proj.weight"].to(dtype)
+
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(ValueError, match=rf"'model\.layers\.0\.mlp\.down_proj\.weight' has dtype {name}"):
+        from_hf_llama(checkpoint(tensors=cast))
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_shards_outside_the_model_folder_are_refused(tmp_path, where):
+    folder = tmp_path / "model"
+    hf_llama().save_pretrained(folder)
+    outside = tmp_path / "outside.safetensors"
+    (folder / "model.safetensors").rename(outside)
+    shard = "../outside.safetensors" if where == "parent" else str(outside)
+    names = load_file(outside).keys()
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {name: shard for name in names}}))
+    with pytest.raises(ValueError, match=re.escape(f"{index} names shard {shard!r}") + ".*outside"):
+        from_hf_llama(folder)
 
 
 def test_missing_files_are_named(tmp_path):
