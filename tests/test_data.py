@@ -430,3 +430,221 @@ def test_no_cache_written_outside_the_given_dir(tmp_path, monkeypatch):
     data.train_tokenizer(SMALL_TEXT, 300, cache_dir=tmp_path / "explicit")
     assert not home_cache.exists()
     assert os.listdir(tmp_path / "explicit")
+
+
+# ---------------------------------------------------------------- stdlib corpus
+
+# A small stand-in for the standard library: the real one (11 MB, an 8192-token BPE) is
+# too slow to build inside the suite, so the corpus builder is pointed at this folder.
+_SOURCE = '''"""Module {i}."""
+
+
+def add_{i}(a, b):
+    """Return a + b."""
+    return a + b  # café {i}
+
+
+class Thing{i}:
+    def __init__(self, value):
+        self.value = value * {i}
+'''
+KEPT = ["a.py", "deep/test_thing.py", "pkg/inner/pydoc_data/x.py"] + [f"pkg/mod_{i}.py" for i in range(8)]
+EXCLUDED = [
+    "pkg/__init__.py",  # empty
+    "test/test_a.py",
+    "pkg/tests/t.py",
+    "lib2to3/tests/data/bad.py",
+    "idlelib/idle_test/x.py",
+    "site-packages/foo.py",
+    "pkg/__pycache__/mod_0.py",
+    "pydoc_data/topics.py",
+    "_sysconfigdata__linux_x86_64-linux-gnu.py",
+    "config-3.11-x86_64-linux-gnu/python-config.py",
+    ".hidden/x.py",
+    "pkg/.y.py",
+    "notes.txt",
+]
+# With val_fraction=0.3, is_validation_file sends exactly these to validation.
+VAL_AT_0_3 = ["pkg/inner/pydoc_data/x.py", "pkg/mod_6.py", "pkg/mod_7.py"]
+
+
+@pytest.fixture
+def stdlib_dir(tmp_path):
+    root = tmp_path / "lib"
+    for i, rel in enumerate(KEPT + EXCLUDED):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("" if rel == "pkg/__init__.py" else _SOURCE.format(i=i), encoding="utf-8")
+    return root
+
+
+def _source_of(root, rel):
+    return (root / rel).read_text(encoding="utf-8")
+
+
+def test_list_stdlib_files_excludes_tests_caches_and_build_files(stdlib_dir):
+    assert data.list_stdlib_files(stdlib_dir) == sorted(KEPT)
+
+
+def test_list_stdlib_files_on_this_python_has_no_test_folder():
+    files = data.list_stdlib_files()
+    assert {"os.py", "json/__init__.py", "asyncio/tasks.py"} <= set(files)
+    excluded = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+    assert not [f for f in files if excluded & set(f.split("/")[:-1])]
+    assert not [f for f in files if f.startswith(("pydoc_data/", "_sysconfigdata"))]
+    assert files == sorted(files)
+
+
+def test_list_stdlib_files_errors(tmp_path):
+    with pytest.raises(NotADirectoryError, match="no_such_dir"):
+        data.list_stdlib_files(tmp_path / "no_such_dir")
+    (tmp_path / "only.txt").write_text("not python")
+    with pytest.raises(ValueError, match="no .py files"):
+        data.list_stdlib_files(tmp_path)
+
+
+def test_is_validation_file_is_deterministic_and_near_the_fraction():
+    names = [f"pkg{i % 7}/module_{i}.py" for i in range(4000)]
+    at_5 = {n for n in names if data.is_validation_file(n, 0.05)}
+    assert at_5 == {n for n in names if data.is_validation_file(n, 0.05)}
+    assert 0.04 < len(at_5) / len(names) < 0.06  # binomial sd 0.0034 at n=4000
+    # A larger fraction only adds files: a file never leaves validation as it grows.
+    assert at_5 < {n for n in names if data.is_validation_file(n, 0.2)}
+    assert [n for n in KEPT if data.is_validation_file(n, 0.3)] == VAL_AT_0_3
+
+
+def test_stdlib_corpus_memmap_dtype_and_boundaries(stdlib_dir, tmp_path):
+    corpus = data.load_stdlib_corpus(vocab_size=300, root=stdlib_dir, cache_dir=tmp_path / "c", progress=False)
+    assert corpus.files == tuple(sorted(KEPT))
+    assert corpus.tokenizer.get_vocab_size() == 300
+    assert isinstance(corpus.ids, np.memmap) and corpus.ids.dtype == np.uint16
+    assert not corpus.ids.flags.writeable
+    assert corpus.offsets.dtype == np.int64 and corpus.offsets.shape == (len(KEPT) + 1,)
+    assert corpus.offsets[0] == 0 and corpus.offsets[-1] == corpus.ids.size == corpus.num_tokens
+    for i, rel in enumerate(corpus.files):
+        document = corpus.document(i)
+        # Each file is followed by exactly one <|endoftext|> (id 0) and decodes to itself.
+        assert document[-1] == 0 and (document[:-1] != 0).all()
+        assert data.decode(corpus.tokenizer, document[:-1].tolist()) == _source_of(stdlib_dir, rel)
+
+
+def test_id_dtype_widens_past_uint16():
+    assert data._id_dtype(2**16) == np.uint16
+    assert data._id_dtype(2**16 + 1) == np.uint32
+
+
+def test_stdlib_corpus_cache_is_reused_without_training(stdlib_dir, tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "c"
+    first = data.load_stdlib_corpus(vocab_size=300, root=stdlib_dir, cache_dir=cache)
+    assert "building the stdlib corpus" in capsys.readouterr().err  # the one-off build says so
+    folder = data.stdlib_cache_path(300, root=stdlib_dir, cache_dir=cache)
+    assert sorted(p.name for p in folder.iterdir()) == ["ids.npy", "index.json", "tokenizer.json"]  # no temp file
+    mtimes = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the stdlib corpus was rebuilt despite its cache")
+
+    monkeypatch.setattr(data, "_train_bpe", no_training)
+    monkeypatch.setattr(data, "_build_stdlib_corpus", no_training)
+    second = data.load_stdlib_corpus(vocab_size=300, root=stdlib_dir, cache_dir=cache)
+    assert capsys.readouterr().err == ""
+    assert np.array_equal(first.ids, second.ids) and np.array_equal(first.offsets, second.offsets)
+    assert second.tokenizer.to_str() == first.tokenizer.to_str()
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == mtimes
+
+
+def test_stdlib_cache_key_follows_files_vocab_and_python(stdlib_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "c"
+    base = data.stdlib_cache_path(300, root=stdlib_dir, cache_dir=cache)
+    assert base.parent == cache
+    assert data.stdlib_cache_path(300, root=stdlib_dir, cache_dir=cache) == base
+    assert data.stdlib_cache_path(301, root=stdlib_dir, cache_dir=cache) != base
+    monkeypatch.setattr(data.sys, "version", "3.99.0 (another build)")
+    assert data.stdlib_cache_path(300, root=stdlib_dir, cache_dir=cache) != base
+    monkeypatch.undo()
+    with open(stdlib_dir / "a.py", "a", encoding="utf-8") as handle:
+        handle.write("# edited\n")
+    assert data.stdlib_cache_path(300, root=stdlib_dir, cache_dir=cache) != base
+    monkeypatch.setenv("EASE_CACHE_DIR", str(tmp_path / "env"))
+    assert data.stdlib_cache_path(300, root=stdlib_dir).parent == tmp_path / "env"
+
+
+def test_stdlib_split_is_by_whole_file_and_deterministic(stdlib_dir, tmp_path):
+    corpus = data.load_stdlib_corpus(vocab_size=300, root=stdlib_dir, cache_dir=tmp_path / "c", progress=False)
+    train_ids, val_ids, train_files, val_files = corpus.split(0.3)
+    assert list(val_files) == VAL_AT_0_3
+    assert sorted(train_files + val_files) == sorted(KEPT) and not set(train_files) & set(val_files)
+    documents = {rel: torch.from_numpy(corpus.document(i).astype(np.int64)) for i, rel in enumerate(corpus.files)}
+    assert train_ids.dtype == val_ids.dtype == torch.long
+    assert torch.equal(train_ids, torch.cat([documents[f] for f in train_files]))
+    assert torch.equal(val_ids, torch.cat([documents[f] for f in val_files]))
+    again = corpus.split(0.3)
+    assert torch.equal(again[0], train_ids) and torch.equal(again[1], val_ids)
+
+
+@pytest.mark.parametrize("val_fraction, error", [(0.0, "strictly between"), (1e-9, "both sides need a file")])
+def test_stdlib_split_errors(stdlib_dir, tmp_path, val_fraction, error):
+    corpus = data.load_stdlib_corpus(vocab_size=300, root=stdlib_dir, cache_dir=tmp_path / "c", progress=False)
+    with pytest.raises(ValueError, match=error):
+        corpus.split(val_fraction)
+
+
+def test_stdlib_corpus_names_a_file_that_is_not_utf8(stdlib_dir, tmp_path):
+    (stdlib_dir / "latin1.py").write_bytes("x = 'caf\xe9'\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.py"):
+        data.load_stdlib_corpus(vocab_size=300, root=stdlib_dir, cache_dir=tmp_path / "c", progress=False)
+
+
+def test_load_data_stdlib_corpus(stdlib_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "stdlib_root", lambda: stdlib_dir)
+    bundle = data.load_data(
+        corpus="stdlib", vocab_size=300, seq_len=8, batch_size=2, val_fraction=0.3, cache_dir=tmp_path / "c"
+    )
+    corpus = data.load_stdlib_corpus(vocab_size=300, cache_dir=tmp_path / "c")
+    assert bundle.vocab_size == 300
+    assert list(bundle.val_files) == VAL_AT_0_3
+    assert bundle.train_tokens + bundle.val_tokens == corpus.num_tokens
+    assert all(b.shape == (2, 9) for b in bundle.train_batches)
+    assert len(bundle.train_batches) == ((bundle.train_tokens - 1) // 8) // 2
+    assert torch.equal(torch.cat(bundle.val_batches)[0], bundle.val_ids[:9])
+
+
+def test_load_data_stdlib_defaults_are_8192_tokens_and_5_percent(stdlib_dir, tmp_path, monkeypatch):
+    # The defaults are checked by what load_data asks for; building 8192 tokens here is too slow.
+    seen = {}
+    real_load = data.load_stdlib_corpus
+
+    def small_corpus(vocab_size, cache_dir):
+        seen["vocab_size"] = vocab_size
+        return real_load(300, root=stdlib_dir, cache_dir=cache_dir, progress=False)
+
+    def split_at_0_3(self, val_fraction):
+        seen["val_fraction"] = val_fraction
+        return real_split(self, 0.3)
+
+    real_split = data.TokenizedCorpus.split
+    monkeypatch.setattr(data, "load_stdlib_corpus", small_corpus)
+    monkeypatch.setattr(data.TokenizedCorpus, "split", split_at_0_3)
+    data.load_data(corpus="stdlib", seq_len=8, batch_size=2, cache_dir=tmp_path / "c")
+    assert seen == {"vocab_size": 8192, "val_fraction": 0.05}
+
+
+def test_load_data_corpus_docs_is_the_default(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("docs_cache")
+    default = data.load_data(vocab_size=300, cache_dir=cache)
+    named = data.load_data(vocab_size=300, corpus="docs", cache_dir=cache)
+    assert torch.equal(named.train_ids, default.train_ids) and torch.equal(named.val_ids, default.val_ids)
+    assert named.train_files == named.val_files == ()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"corpus": "wiki"}, ValueError, r"corpus must be one of 'docs', 'stdlib', got 'wiki'"),
+        ({"corpus": 3}, TypeError, r"corpus must be a str, one of 'docs', 'stdlib'"),
+        ({"path": "x.txt", "corpus": "stdlib"}, ValueError, r"either path .* or corpus"),
+    ],
+)
+def test_load_data_rejects_a_bad_corpus(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        data.load_data(**kwargs)
