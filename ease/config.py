@@ -28,6 +28,15 @@ from ease.validation import is_int as _is_int
 from ease.validation import is_real as _is_real
 
 
+# The choices of the training recipe's options; their modules (ease.training.schedule,
+# layer_dropout, curriculum) take them from here, so that the config imports no torch.
+LR_SCHEDULES = ("constant", "linear", "cosine")
+"""``lr_schedule``: after warmup, no decay, straight to the floor, or half a cosine to it."""
+LAYER_DROPOUT_SHAPES = ("uniform", "linear", "exponential")
+"""``layer_dropout_shape``: how the skip probability grows with depth."""
+CURRICULA = ("none", "rotational", "gradual")
+"""``exit_curriculum``: which exits each step supervises."""
+
 # ease.training.distributed.DISTRIBUTED_MODES, repeated so that the config imports no torch.distributed.
 _DISTRIBUTED_MODES = ("auto", "ddp", "fsdp", "none")
 
@@ -95,6 +104,32 @@ class TrainingConfig:
             optimiser, epoch and step, early-stopping state, every RNG state).
         resume: when True and ``checkpoint_dir/last.pt`` exists,
             ``train_with_early_stopping`` resumes from it instead of starting over.
+        lr_schedule: ``"constant"`` (default), ``"linear"`` or ``"cosine"`` decay after
+            warmup, to ``min_lr_ratio`` of the peak at the end of training
+            (:mod:`ease.training.schedule`); it multiplies every parameter group, so the
+            ``layer_lr_scales`` ratios hold at every step.
+        warmup_steps: optimiser steps of linear warmup (0: none).
+        min_lr_ratio: the floor of the decay, a fraction of the peak in [0, 1].
+        max_steps: a step budget for ``train_with_early_stopping`` (None: epochs only).
+            With a step or token budget, or ``eval_every``, training evaluates every
+            ``eval_every`` steps, early stopping counts evaluations (``patience`` of
+            them), and checkpoints are written after each evaluation.
+        max_tokens: a budget of target tokens (None: no token budget).
+        eval_every: optimiser steps between evaluations (None: once per epoch, or once
+            at the end of a budget shorter than an epoch).
+        layer_dropout: LayerSkip's layer dropout, the largest probability (at the last
+            layer) that a block is skipped for a row in training; 0 turns it off
+            (:mod:`ease.training.layer_dropout`).
+        layer_dropout_shape: how the probability grows with depth: ``"uniform"``,
+            ``"linear"`` or ``"exponential"`` (default, LayerSkip's).
+        exit_curriculum: ``"none"`` (default), ``"rotational"`` or ``"gradual"``: which
+            exits each step supervises (:mod:`ease.training.curriculum`).
+        curriculum_period: ``"rotational"``: steps for every exit to be on once.
+        log_dir: when set, ``log_dir/metrics.jsonl`` gets a JSON line every ``log_every``
+            steps and one per evaluation (:mod:`ease.training.metrics`).
+        log_every: optimiser steps per metrics line.
+        compile: run the loss (model and exit head) under ``torch.compile``; a one-off
+            compile time, then faster steps on large models.
 
     Raises:
         ValueError: naming the field, for any value outside the ranges above.
@@ -114,6 +149,19 @@ class TrainingConfig:
     grad_accumulation_steps: int = 1
     checkpoint_dir: str | None = None
     resume: bool = False
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    eval_every: int | None = None
+    layer_dropout: float = 0.0
+    layer_dropout_shape: str = "exponential"
+    exit_curriculum: str = "none"
+    curriculum_period: int = 2
+    log_dir: str | None = None
+    log_every: int = 10
+    compile: bool = False
 
     def __post_init__(self) -> None:
         self.layer_weights = _check_layer_dict("layer_weights", self.layer_weights, positive=False)
@@ -145,6 +193,32 @@ class TrainingConfig:
                 raise ValueError(f"checkpoint_dir must be a non-empty path or None, got {self.checkpoint_dir!r}")
             self.checkpoint_dir = os.fspath(self.checkpoint_dir)
         self.resume = check_bool("resume", self.resume)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        self.warmup_steps = check_int("warmup_steps", self.warmup_steps, 0)
+        self.min_lr_ratio = check_real("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        for name in ("max_steps", "max_tokens", "eval_every"):
+            if getattr(self, name) is not None:
+                setattr(self, name, check_int(name, getattr(self, name), 1, expected="an integer >= 1 or None"))
+        self.layer_dropout = check_real("layer_dropout", self.layer_dropout, 0.0, 1.0, below=True, expected="in [0, 1)")
+        if self.layer_dropout_shape not in LAYER_DROPOUT_SHAPES:
+            raise ValueError(
+                f"layer_dropout_shape must be one of {', '.join(LAYER_DROPOUT_SHAPES)}, got {self.layer_dropout_shape!r}"
+            )
+        if self.exit_curriculum not in CURRICULA:
+            raise ValueError(f"exit_curriculum must be one of {', '.join(CURRICULA)}, got {self.exit_curriculum!r}")
+        self.curriculum_period = check_int("curriculum_period", self.curriculum_period, 1)
+        if self.log_dir is not None:
+            if not isinstance(self.log_dir, (str, os.PathLike)) or not str(self.log_dir):
+                raise ValueError(f"log_dir must be a non-empty path or None, got {self.log_dir!r}")
+            self.log_dir = os.fspath(self.log_dir)
+        self.log_every = check_int("log_every", self.log_every, 1)
+        self.compile = check_bool("compile", self.compile)
+
+    @property
+    def uses_step_budget(self) -> bool:
+        """Whether training is counted in steps (a step or token budget, or ``eval_every``)."""
+        return self.max_steps is not None or self.max_tokens is not None or self.eval_every is not None
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("resume=True needs a checkpoint_dir to resume from")
 
@@ -180,6 +254,22 @@ class TrainingConfig:
                     f"({num_layers}) of {type(model).__name__}, which is trained on its final layer "
                     f"only; use create_standard_config({num_layers}) or a DeepSupervisionTransformer"
                 )
+
+    def check_recipe_for(self, model: EarlyExitDecoder) -> None:
+        """Recipe options that need the model: an exit curriculum always supervises the last layer.
+
+        Raises:
+            ValueError: ``exit_curriculum`` is set while the last layer has weight 0, or the
+                model trains its final layer only.
+        """
+        if self.exit_curriculum == "none":
+            return
+        weights = self.weights_for(model)
+        if not weights[model.num_layers] > 0:
+            raise ValueError(
+                f"exit_curriculum={self.exit_curriculum!r} supervises the last layer at every step, but "
+                f"layer_weights gives layer {model.num_layers} weight 0"
+            )
 
     def weights_for(self, model: EarlyExitDecoder) -> dict[int, float]:
         """The loss weight of every layer of ``model``, after :meth:`validate_for`.

@@ -81,7 +81,7 @@ def evaluate(
         gathered.enter_context(wrapped.gathered())
         for batch in batches:
             count += 1
-            [(inputs, targets, batch_tokens)], _ = prepare_shards(
+            [(inputs, targets, batch_tokens, _)], _ = prepare_shards(
                 batch, vocab_size, device, context, 1, presharded, global_count=False
             )
             tokens += batch_tokens

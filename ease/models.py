@@ -251,21 +251,38 @@ class EarlyExitDecoder(nn.Module):
             if low < 0 or high >= self.vocab_size:
                 raise ValueError(f"input_ids must lie in [0, {self.vocab_size}), got range [{low}, {high}]")
 
-    def hidden_states(self, input_ids: torch.Tensor, layers: Iterable[int]) -> dict[int, torch.Tensor]:
+    def hidden_states(
+        self, input_ids: torch.Tensor, layers: Iterable[int], keep: torch.Tensor | None = None
+    ) -> dict[int, torch.Tensor]:
         """Hidden states ``(B, T, dim)`` after each requested layer (before the exit norm).
 
         Blocks deeper than the deepest requested layer are not run.
+
+        Args:
+            input_ids: ``(B, T)`` token ids.
+            layers: the layers (1-based) whose states to return.
+            keep: layer dropout in training: ``(B, num_layers)`` bool, False where row
+                ``b`` skips block ``l`` (its input passes through unchanged); None runs
+                every block (:mod:`ease.training.layer_dropout` draws it).
         """
         layers = self.check_layers(layers)
         if not torch.compiler.is_compiling():  # the range check reads values: a graph break
             self.check_input_ids(input_ids)
+            if keep is not None and tuple(keep.shape) != (input_ids.shape[0], self.num_layers):
+                raise ValueError(
+                    f"keep must be [batch, num_layers] = {(input_ids.shape[0], self.num_layers)}, "
+                    f"got {tuple(keep.shape)}"
+                )
         seq = input_ids.shape[1]
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         x = self.embed_dropout(self.embed(input_ids))  # (B, T, dim)
         wanted = set(layers)
         states = {}
         for number, block in enumerate(self.layers[: layers[-1]], start=1):
-            x = block(x, cos, sin)
+            out = block(x, cos, sin)
+            # A skipped row keeps its input: a select, not a gather, so shapes stay static
+            # (torch.compile traces one graph whatever the decisions).
+            x = out if keep is None else torch.where(keep[:, number - 1, None, None], out, x)
             if number in wanted:
                 states[number] = x
         return states
@@ -305,7 +322,8 @@ class EarlyExitDecoder(nn.Module):
 
         Returns:
             :class:`ease.generation.GenerationOutput`: ``tokens``, ``new_tokens``,
-            ``exit_layers`` (per new token) and ``mean_exit_layer``.
+            ``token_exit_layers`` (the layer each new token exited at; alias
+            ``exit_layers``) and ``mean_exit_layer``.
         """
         from ease.generation import generate
 

@@ -188,9 +188,9 @@ class ExitLayerSpy:
         self.head_calls = 0
         hidden_states = model.hidden_states
 
-        def recording_hidden_states(input_ids, layers):
+        def recording_hidden_states(input_ids, layers, *rest):
             self.exit_layers.append(list(layers))
-            return hidden_states(input_ids, layers)
+            return hidden_states(input_ids, layers, *rest)
 
         model.hidden_states = recording_hidden_states
         model.lm_head.register_forward_hook(self._count)

@@ -65,7 +65,7 @@ class ExitHead(nn.Module):
         targets: torch.Tensor,
         weights: Mapping[int, float],
         fused: bool,
-    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """The weighted loss ``sum_l w_l * CE_l`` of the layers in ``hidden``.
 
         ``CE_l`` is the mean cross-entropy over non-ignored targets of layer ``l``'s logits
@@ -81,7 +81,8 @@ class ExitHead(nn.Module):
                 gradients); otherwise the plain per-layer logits.
 
         Returns:
-            ``(loss, per_layer)``: a scalar with a graph, and ``{layer: CE_l}`` detached.
+            ``(loss, per_layer, correct)``: a scalar with a graph; ``{layer: CE_l}``
+            detached; ``{layer: correct top-1 predictions}`` as int64 scalars.
         """
         layers = list(hidden)
         if fused:
@@ -94,16 +95,20 @@ class ExitHead(nn.Module):
                 self.norm.eps,
                 ignore_index=IGNORE_INDEX,
             )
-            return result.loss, {layer: result.layer_losses[i] for i, layer in enumerate(layers)}
+            per_layer = {layer: result.layer_losses[i] for i, layer in enumerate(layers)}
+            return result.loss, per_layer, {layer: result.correct[i] for i, layer in enumerate(layers)}
+        counted = targets != IGNORE_INDEX
         # clamp: a batch whose targets are all ignored gives loss 0 (and zero gradient), not 0/0.
-        tokens = (targets != IGNORE_INDEX).sum().clamp_min(1)
+        tokens = counted.sum().clamp_min(1)
         loss = None
-        per_layer = {}
+        per_layer, correct = {}, {}
         for layer in layers:
-            ce = token_sum_cross_entropy(self(hidden[layer]), targets) / tokens
+            logits = self(hidden[layer])
+            ce = token_sum_cross_entropy(logits, targets) / tokens
             per_layer[layer] = ce.detach()
+            correct[layer] = ((logits.detach().argmax(-1) == targets) & counted).sum()
             loss = weights[layer] * ce if loss is None else loss + weights[layer] * ce
-        return loss, per_layer
+        return loss, per_layer, correct
 
     def extra_repr(self) -> str:
         return f"dim={self.proj.in_features}, vocab_size={self.proj.out_features}"

@@ -78,6 +78,12 @@ class TrainingProgress:
         best_state: full state dict of the best epoch's weights, on the CPU, held by
             rank 0 only (``None`` on other ranks and before the first epoch).
         history: one dict per finished epoch, as in ``EarlyStoppingResult.history``.
+        position: where a run counted in steps stands (a step or token budget,
+            ``eval_every`` or a metrics log), else None: ``tokens`` (target tokens trained
+            on), ``batch_in_epoch`` (batches of the current epoch already trained),
+            ``evaluations``, ``best_step``, and ``epoch_generators`` (the data loader's
+            generator states at the start of the current epoch, so that a resume in the
+            middle of an epoch sees the same order).
     """
 
     epoch: int = 0
@@ -87,10 +93,15 @@ class TrainingProgress:
     epochs_without_improvement: int = 0
     best_state: dict[str, torch.Tensor] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    position: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """The fields as a plain dict (what a checkpoint stores under ``"trainer"``)."""
-        return {
+        """The fields as a plain dict (what a checkpoint stores under ``"trainer"``).
+
+        ``position`` is stored only when set, so epoch-counted runs write what they always did.
+        """
+        extra = {} if self.position is None else {"position": self.position}
+        return extra | {
             "epoch": self.epoch,
             "step": self.step,
             "best_val_loss": self.best_val_loss,

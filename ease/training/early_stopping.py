@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ease.data import Batch
 from ease.models import EarlyExitDecoder
 from ease.training import distributed as dist_utils
+from ease.training import loop
 from ease.training.checkpoint import CHECKPOINT_NAME, TrainingProgress, latest_checkpoint
 from ease.validation import check_int, check_real
 
@@ -47,7 +48,11 @@ class EarlyStoppingResult:
         history: one dict per epoch: ``epoch`` (1-based), ``train_loss`` (token-weighted
             mean training loss), ``val_loss`` (the monitored validation objective),
             ``val`` (the full :meth:`~ease.Trainer.evaluate` dict) and ``seconds`` (wall
-            time of training plus evaluation).
+            time of training plus evaluation). A run counted in steps has one dict per
+            evaluation, with ``step`` and ``tokens`` too.
+        best_step: a run counted in steps (``max_steps``, ``max_tokens`` or
+            ``eval_every``): the optimiser step whose weights the model holds; else None.
+        steps_run: a run counted in steps: optimiser steps taken; else None.
     """
 
     best_epoch: int
@@ -55,6 +60,8 @@ class EarlyStoppingResult:
     epochs_run: int
     stopped_early: bool
     history: list[dict[str, Any]] = field(default_factory=list)
+    best_step: int | None = None
+    steps_run: int | None = None
 
     @property
     def best_val_objective(self) -> float:
@@ -116,6 +123,15 @@ def train_with_early_stopping(
     verbose_here = verbose and context.is_main
     if verbose_here and resume_from is not None:
         tqdm.write(f"resumed from {resume_from} after epoch {progress.epoch} (step {progress.step})")
+    sized = hasattr(train_batches, "__len__")
+    trainer.horizon = config.max_steps if config.max_steps is not None else (
+        max_epochs * len(train_batches) if sized else None
+    )
+    if config.uses_step_budget:
+        return _train_by_steps(
+            trainer, model, train_batches, val_batches, optimizer, max_epochs, patience, verbose, min_delta,
+            checkpoint_path,
+        )  # fmt: skip
 
     finished = progress.epochs_without_improvement >= patience
     for epoch in range(progress.epoch + 1, max_epochs + 1):
@@ -134,6 +150,8 @@ def train_with_early_stopping(
             raise FloatingPointError(f"epoch {epoch}: {error}{kept}") from error
         val = trainer.evaluate(model, val_batches)
         seconds = time.perf_counter() - start
+        if config.log_dir is not None:
+            trainer.metrics.evaluation(progress.step, trainer.tokens_seen, val)
         val_loss = val["objective"]
         if not math.isfinite(val_loss):
             raise FloatingPointError(f"non-finite validation objective {val_loss} after epoch {epoch}")
@@ -178,4 +196,134 @@ def train_with_early_stopping(
         epochs_run=epochs_run,
         stopped_early=stopped_early,
         history=list(progress.history),
+    )
+
+
+def _train_by_steps(
+    trainer: Trainer,
+    model: EarlyExitDecoder,
+    train_batches: Iterable[Batch],
+    val_batches: Iterable[Batch],
+    optimizer: torch.optim.Optimizer,
+    max_epochs: int,
+    patience: int,
+    verbose: bool,
+    min_delta: float,
+    checkpoint_path: Path | None,
+) -> EarlyStoppingResult:
+    """Early stopping counted in evaluations: every ``eval_every`` steps, until a budget is spent.
+
+    Training stops at the first of: ``max_steps`` optimiser steps, ``max_tokens`` target
+    tokens, ``patience`` evaluations in a row without improvement, or ``max_epochs``
+    passes over the data. Without ``eval_every`` it evaluates at the end of every epoch
+    and when a budget is spent. A checkpoint follows every evaluation, with the position
+    in the epoch, so a resume continues from the next batch.
+    """
+    config, context, progress = trainer.config, trainer.distributed, trainer.progress
+    position = progress.position
+    verbose_here = verbose and context.is_main
+    runner = trainer.step_runner(model, optimizer)
+    generators = trainer.data_generators
+
+    def spent() -> bool:
+        return (config.max_steps is not None and progress.step >= config.max_steps) or (
+            config.max_tokens is not None and position["tokens"] >= config.max_tokens
+        )
+
+    def evaluate(epoch: int, train_loss: float, seconds: float) -> bool:
+        """Evaluate, keep the best state, checkpoint; True when patience ran out."""
+        val = trainer.evaluate(model, val_batches)
+        if config.log_dir is not None:
+            trainer.metrics.evaluation(progress.step, position["tokens"], val)
+        val_loss = val["objective"]
+        if not math.isfinite(val_loss):
+            raise FloatingPointError(f"non-finite validation objective {val_loss} at step {progress.step}")
+        position["evaluations"] += 1
+        progress.history.append(
+            {"epoch": epoch, "step": progress.step, "tokens": position["tokens"], "train_loss": train_loss,
+             "val_loss": val_loss, "val": val, "seconds": seconds}
+        )  # fmt: skip
+        improved = val_loss < progress.best_val_loss - min_delta
+        if improved:
+            progress.best_val_loss, progress.best_epoch = val_loss, epoch
+            position["best_step"] = progress.step
+            progress.best_state = dist_utils.full_model_state_dict(model, context) or None
+            progress.epochs_without_improvement = 0
+        else:
+            progress.epochs_without_improvement += 1
+        if checkpoint_path is not None:
+            position["checkpoint_step"] = progress.step
+            trainer.write_checkpoint(
+                checkpoint_path, model, optimizer, model_state=(progress.best_state or {}) if improved else None
+            )
+        if verbose_here:
+            tqdm.write(
+                f"step {progress.step:6d} | train {train_loss:.4f} | val objective {val_loss:.4f} | "
+                f"val loss {val['loss']:.4f} | acc {val['accuracy']:.3f} | {seconds:.1f}s{' *' if improved else ''}"
+            )
+        return progress.epochs_without_improvement >= patience
+
+    finished = progress.epochs_without_improvement >= patience or spent()
+    window = {"loss": 0.0, "tokens": 0, "start": time.perf_counter()}
+    while not finished and progress.epoch < max_epochs:
+        epoch = progress.epoch + 1
+        skip = position["batch_in_epoch"]
+        if skip and position["epoch_generators"]:
+            # The epoch's order comes from the generators' states at its start.
+            for generator, state in zip(generators, position["epoch_generators"]):
+                generator.set_state(state)
+        else:
+            position["epoch_generators"] = [generator.get_state() for generator in generators]
+        dist_utils.set_sampler_epoch(train_batches, epoch)
+
+        def on_step(figures, epoch=epoch) -> bool:
+            nonlocal finished
+            trainer.count_step(figures)
+            position["batch_in_epoch"] += 1
+            window["loss"] += figures.loss_sum
+            window["tokens"] += figures.tokens
+            due = config.eval_every is not None and progress.step % config.eval_every == 0
+            if due or spent():
+                train_loss = window["loss"] / max(window["tokens"], 1)
+                seconds = time.perf_counter() - window["start"]
+                finished = evaluate(epoch, train_loss, seconds) or spent()
+                window.update(loss=0.0, tokens=0, start=time.perf_counter())
+            return finished
+
+        try:
+            _, _, stopped = loop.train_epoch(
+                runner, train_batches, show_progress=verbose_here, first_step=progress.step, on_step=on_step,
+                skip=skip,
+            )  # fmt: skip
+        except FloatingPointError as error:
+            kept = (
+                f"; the last good checkpoint, {checkpoint_path} (step {position.get('checkpoint_step', 0)}), is left as it was"
+                if checkpoint_path is not None and position["evaluations"] > 0
+                else ""
+            )
+            raise FloatingPointError(f"epoch {epoch}: {error}{kept}") from error
+        if not stopped:
+            progress.epoch = epoch
+            position["batch_in_epoch"] = 0
+            if config.eval_every is None and window["tokens"]:
+                train_loss = window["loss"] / window["tokens"]
+                finished = evaluate(epoch, train_loss, time.perf_counter() - window["start"]) or spent()
+                window.update(loss=0.0, tokens=0, start=time.perf_counter())
+
+    if progress.best_epoch > 0:
+        dist_utils.load_full_model_state_dict(model, progress.best_state or {}, context)
+    if verbose_here:
+        tqdm.write(
+            f"stopped at step {progress.step} after {position['evaluations']} evaluations; restored step "
+            f"{position['best_step']} (val objective {progress.best_val_loss:.4f})"
+        )
+    budget_left = not spent() and progress.epoch < max_epochs
+    return EarlyStoppingResult(
+        best_epoch=progress.best_epoch,
+        best_val_loss=progress.best_val_loss,
+        epochs_run=progress.epoch + (1 if position["batch_in_epoch"] else 0),
+        stopped_early=budget_left,
+        history=list(progress.history),
+        best_step=position["best_step"],
+        steps_run=progress.step,
     )

@@ -5,17 +5,22 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from ease.config import TrainingConfig
-from ease.data import IGNORE_INDEX, Batch
+from ease.data import IGNORE_INDEX, Batch, split_batch
 from ease.models import EarlyExitDecoder
 from ease.training import distributed as dist_utils
 from ease.training.batches import prepare_shards
+from ease.training.curriculum import ExitCurriculum
 from ease.training.distributed import DistributedContext, WrappedModel
+from ease.training.layer_dropout import LayerDropout
 from ease.training.loss import supervised_layers, uses_fused_loss, weighted_loss
+from ease.training.schedule import LRSchedule
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -44,98 +49,199 @@ def non_finite_message(step: int, value: float, per_layer: Mapping[int, torch.Te
     )
 
 
+@dataclass
+class StepFigures:
+    """What one optimiser step measured, summed over ranks and micro-batches.
+
+    Attributes:
+        tokens: the step's non-ignored target tokens.
+        loss_sum: the loss times ``tokens`` (the loss is ``loss_sum / tokens``).
+        layer_ce_sums: per supervised layer, its cross-entropy times ``tokens``.
+        layer_correct: per supervised layer, correct top-1 predictions.
+        grad_norm: the global gradient norm before clipping.
+        lr: the learning rate of the last parameter group (the embeddings', unscaled
+            by ``layer_lr_scales``) in this step.
+    """
+
+    tokens: int
+    loss_sum: float
+    layer_ce_sums: dict[int, float]
+    layer_correct: dict[int, int]
+    grad_norm: float
+    lr: float
+
+
+@dataclass
+class StepRunner:
+    """Everything one optimiser step needs, gathered once per epoch by the trainer.
+
+    Attributes:
+        model, wrapped: the bare decoder and how it runs (DDP/FSDP2 or bare).
+        optimizer: stepped once per batch.
+        weights: every layer's loss weight (before the curriculum).
+        config: ``grad_clip``, ``grad_accumulation_steps``, ``fused_loss``, ...
+        context: this process's place in a torchrun launch.
+        vocab_size: targets must lie below it.
+        schedule: the learning-rate schedule (applied unless it is the identity).
+        dropout: layer dropout (drawn only when enabled).
+        curriculum: which exits each step supervises.
+        loss_fn: :func:`ease.training.loss.weighted_loss`, or its compiled form.
+    """
+
+    model: EarlyExitDecoder
+    wrapped: WrappedModel
+    optimizer: torch.optim.Optimizer
+    weights: Mapping[int, float]
+    config: TrainingConfig
+    context: DistributedContext
+    vocab_size: int
+    schedule: LRSchedule
+    dropout: LayerDropout
+    curriculum: ExitCurriculum
+    loss_fn: Callable[..., Any] = weighted_loss
+
+    def step(self, batch: Batch, step: int, presharded: bool) -> StepFigures:
+        """Forward, backward, clip and step on one global batch; ``step`` is 0-based.
+
+        Raises:
+            FloatingPointError: a non-finite loss or gradient norm, raised before the
+                optimiser step (the weights are unchanged); :func:`train_epoch` names the
+                step and the layer in its message.
+        """
+        model, config, context = self.model, self.config, self.context
+        device = model.device
+        weights = self.curriculum.weights(dict(self.weights), step)
+        active = supervised_layers(weights)
+        fused = uses_fused_loss(model, config)
+        rows = split_batch(batch)[0].shape[0]
+        keep = self.dropout.keep(step, rows) if self.dropout.enabled else None
+        shards, tokens = prepare_shards(
+            batch, self.vocab_size, device, context, config.grad_accumulation_steps, presharded, keep=keep
+        )
+        if not self.schedule.is_identity:
+            self.schedule.apply(self.optimizer, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        # Token-weighted sums of the loss and of each layer's CE, and correct counts, over
+        # this rank's micro-batches; summed over ranks they give the step's global figures.
+        sums = torch.zeros(1 + 2 * len(active), dtype=torch.float64, device=device)
+        for index, (inputs, targets, shard_tokens, shard_keep) in enumerate(shards, start=1):
+            # Gradients are reduced over ranks once, with the last micro-batch.
+            with self.wrapped.gradient_sync(index == len(shards)):
+                with autocast(device):
+                    loss, per_layer, correct = self.wrapped.run(
+                        self.loss_fn, inputs, targets, weights, fused, shard_keep
+                    )
+                scale = dist_utils.loss_scale(shard_tokens, tokens, context.world_size)
+                # == 1.0 on one process without accumulation: the plain loss, bit for bit.
+                (loss if scale == 1.0 else loss * scale).backward()
+            values = torch.stack([loss.detach(), *(per_layer[layer].detach() for layer in active)])
+            counts = torch.stack([correct[layer] for layer in active]).double() if active else values[:0]
+            sums += torch.cat([values.double() * shard_tokens, counts])
+        sums = dist_utils.all_reduce_sum(sums, context)
+        parameters = [p for p in model.parameters() if p.grad is not None]
+        if config.grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        else:
+            # Measured even without clipping: a non-finite gradient must stop the step
+            # before the optimiser writes NaN into the weights.
+            norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        norm = dist_utils.reduce_grad_norm(norm).double().reshape(1).to(device)
+        # One host sync per step reads the losses, the counts and the gradient norm.
+        values = torch.cat([sums, norm]).tolist()
+        count = len(active)
+        figures = StepFigures(
+            tokens=tokens,
+            loss_sum=values[0],
+            layer_ce_sums={layer: values[1 + i] for i, layer in enumerate(active)},
+            layer_correct={layer: int(round(values[1 + count + i])) for i, layer in enumerate(active)},
+            grad_norm=values[-1],
+            lr=self.optimizer.param_groups[-1]["lr"],
+        )
+        step_loss = figures.loss_sum / max(tokens, 1)
+        if not math.isfinite(step_loss) or not math.isfinite(figures.grad_norm):
+            raise _NonFiniteStep(figures, step_loss, active)
+        self.optimizer.step()
+        return figures
+
+
+class _NonFiniteStep(FloatingPointError):
+    """A step whose loss or gradient norm is not finite; the caller names the step."""
+
+    def __init__(self, figures: StepFigures, step_loss: float, active: list[int]) -> None:
+        super().__init__(step_loss)
+        self.figures = figures
+        self.step_loss = step_loss
+        self.layers = {layer: figures.layer_ce_sums[layer] / max(figures.tokens, 1) for layer in active}
+
+    def message(self, step: int) -> str:
+        if not math.isfinite(self.step_loss):
+            return non_finite_message(step, self.step_loss, self.layers)
+        return (
+            f"non-finite gradient norm {self.figures.grad_norm} at step {step} (loss {self.step_loss:.4f} was "
+            f"finite; per-layer losses {format_layers(self.layers)})"
+        )
+
+
 def train_epoch(
-    model: EarlyExitDecoder,
-    wrapped: WrappedModel,
+    runner: StepRunner,
     batches: Iterable[Batch],
-    optimizer: torch.optim.Optimizer,
-    weights: Mapping[int, float],
-    config: TrainingConfig,
-    context: DistributedContext,
-    vocab_size: int,
     show_progress: bool,
-    on_step: Callable[[], None] = lambda: None,
-) -> float:
+    first_step: int,
+    on_step: Callable[[StepFigures], bool | None] = lambda figures: None,
+    skip: int = 0,
+) -> tuple[float, int, bool]:
     """One pass over ``batches``; each batch is one optimiser step. See :meth:`ease.Trainer.train_epoch`.
 
     Args:
-        model: the bare decoder; ``wrapped`` is how it runs (DDP/FSDP2 or bare).
+        runner: the step's parts.
         batches: re-iterable global batches.
-        optimizer: steps once per batch.
-        weights: every layer's loss weight.
-        config: for ``grad_clip``, ``grad_accumulation_steps`` and ``fused_loss``.
-        context: this process's place in a torchrun launch.
-        vocab_size: targets must lie below it.
         show_progress: a progress bar with the running loss (the caller decides the rank).
-        on_step: called after every optimiser step (the trainer counts steps with it).
+        first_step: optimiser steps taken before this epoch (0-based index of its first).
+        on_step: called after every optimiser step with its figures; returning True
+            stops the epoch there (a step budget is spent, or early stopping decided).
+        skip: batches at the start of the epoch already trained (a resume mid-epoch).
 
     Returns:
-        The token-weighted mean training loss of the epoch.
-    """
-    device = model.device
-    grad_clip = config.grad_clip
-    micro_batches = config.grad_accumulation_steps
-    fused = uses_fused_loss(model, config)
-    presharded = context.enabled and dist_utils.has_distributed_sampler(batches)
-    active = supervised_layers(weights)
-    model.train()
+        ``(mean loss, batches seen, stopped)``: the token-weighted mean training loss of
+        the steps taken, the batches consumed including skipped ones, and whether
+        ``on_step`` stopped the epoch.
 
+    Raises:
+        ValueError: no batch, or no target token.
+        FloatingPointError: a non-finite loss or gradient norm, naming the 1-based step of
+            the epoch and the layer.
+    """
+    presharded = runner.context.enabled and dist_utils.has_distributed_sampler(batches)
+    runner.model.train()
     loss_sum = 0.0
     token_sum = 0
-    steps = 0
+    seen = 0
+    taken = 0
+    stopped = False
     bar = tqdm(batches, desc="train", unit="batch", disable=not show_progress, leave=False, dynamic_ncols=True)
     try:
-        for step, batch in enumerate(bar, start=1):
-            steps = step
-            shards, tokens = prepare_shards(batch, vocab_size, device, context, micro_batches, presharded)
-            optimizer.zero_grad(set_to_none=True)
-            # Token-weighted sums of the loss and of each layer's CE over this rank's
-            # micro-batches; summed over ranks they give the step's global means.
-            sums = torch.zeros(1 + len(active), dtype=torch.float64, device=device)
-            for index, (inputs, targets, shard_tokens) in enumerate(shards, start=1):
-                # Gradients are reduced over ranks once, with the last micro-batch.
-                with wrapped.gradient_sync(index == len(shards)):
-                    with autocast(device):
-                        loss, per_layer = wrapped.run(weighted_loss, inputs, targets, weights, fused)
-                    scale = dist_utils.loss_scale(shard_tokens, tokens, context.world_size)
-                    # == 1.0 on one process without accumulation: the plain loss, bit for bit.
-                    (loss if scale == 1.0 else loss * scale).backward()
-                values = torch.stack([loss.detach(), *(per_layer[layer].detach() for layer in active)])
-                sums += values.double() * shard_tokens
-            sums = dist_utils.all_reduce_sum(sums, context)
-            if grad_clip is not None:
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            else:
-                # Measured even without clipping: a non-finite gradient must stop the step
-                # before the optimiser writes NaN into the weights.
-                norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-            norm = dist_utils.reduce_grad_norm(norm).double().reshape(1).to(device)
-            # One host sync per step reads the losses and the gradient norm.
-            values = torch.cat([sums, norm]).tolist()
-            step_loss = values[0] / max(tokens, 1)
-            bad_loss = not math.isfinite(step_loss)
-            if bad_loss or not math.isfinite(values[-1]):
-                # Only a failing step pays for the per-layer figures its message names.
-                step_layers = {layer: values[1 + i] / max(tokens, 1) for i, layer in enumerate(active)}
-                if bad_loss:
-                    raise FloatingPointError(non_finite_message(step, step_loss, step_layers))
-                raise FloatingPointError(
-                    f"non-finite gradient norm {values[-1]} at step {step} (loss {step_loss:.4f} was finite; "
-                    f"per-layer losses {format_layers(step_layers)})"
-                )
-            optimizer.step()
-            on_step()
-            loss_sum += values[0]
-            token_sum += tokens
+        for seen, batch in enumerate(bar, start=1):
+            if seen <= skip:
+                continue
+            try:
+                figures = runner.step(batch, first_step + taken, presharded)
+            except _NonFiniteStep as error:
+                raise FloatingPointError(error.message(seen)) from None
+            taken += 1
+            loss_sum += figures.loss_sum
+            token_sum += figures.tokens
             if show_progress:
                 bar.set_postfix(loss=f"{loss_sum / max(token_sum, 1):.4f}", refresh=False)
+            if on_step(figures):
+                stopped = True
+                break
     finally:
         bar.close()
 
-    if steps == 0:
+    if seen == 0:
         raise ValueError(
             "train_batches yielded no batch (a generator is exhausted after one pass: pass a list or a DataLoader)"
         )
-    if token_sum == 0:
+    if taken and token_sum == 0:
         raise ValueError(f"train_batches hold no target tokens: all targets are ignore_index={IGNORE_INDEX}")
-    return loss_sum / token_sum
+    return (loss_sum / token_sum if token_sum else math.nan), seen, stopped

@@ -62,7 +62,8 @@ def weighted_loss(
     targets: torch.Tensor,
     weights: Mapping[int, float],
     fused: bool,
-) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    keep: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """``sum_l w_l * CE_l`` of one batch on the model's device.
 
     Args:
@@ -70,11 +71,12 @@ def weighted_loss(
         inputs, targets: ``(B, T)`` int64 on the model's device.
         weights: every layer's weight; layers of weight 0 compute no logits.
         fused: :func:`uses_fused_loss`.
+        keep: layer dropout's ``(B, num_layers)`` decisions, or None.
 
     Returns:
-        ``(loss, per_layer)``: a float32 scalar with a graph; ``{layer: CE_l}`` detached,
-        for the supervised layers.
+        ``(loss, per_layer, correct)``: a float32 scalar with a graph; ``{layer: CE_l}``
+        detached and ``{layer: correct top-1 count}``, for the supervised layers.
     """
     active = supervised_layers(weights)
-    hidden = model.hidden_states(inputs, active)
+    hidden = model.hidden_states(inputs, active) if keep is None else model.hidden_states(inputs, active, keep)
     return model.exit_head.loss(hidden, targets, {layer: weights[layer] for layer in active}, fused)

@@ -20,7 +20,7 @@ def check_base_lr(base_lr: object) -> float:
 
 
 def parameter_groups(model: EarlyExitDecoder, config: TrainingConfig, base_lr: float) -> list[dict[str, Any]]:
-    """The optimiser's parameter groups, each with ``lr``, ``weight_decay``, ``layer``, ``lr_scale``, ``name``.
+    """The optimiser's parameter groups, each with ``lr``, ``peak_lr``, ``weight_decay``, ``layer``, ``lr_scale``, ``name``.
 
     - ``"layer{l}"`` (weight matrices of ``model.layers[l - 1]``, decayed) and
       ``"layer{l}.no_decay"`` (its norm weights and biases), both with
@@ -55,6 +55,8 @@ def parameter_groups(model: EarlyExitDecoder, config: TrainingConfig, base_lr: f
                     {
                         "params": members,
                         "lr": base_lr * scale,
+                        # The rate a learning-rate schedule scales (ease.training.schedule).
+                        "peak_lr": base_lr * scale,
                         "weight_decay": weight_decay,
                         "layer": layer,
                         "lr_scale": scale,
@@ -98,7 +100,7 @@ def create_optimizer(model: EarlyExitDecoder, config: TrainingConfig, base_lr: f
     return torch.optim.AdamW(groups, lr=base_lr, betas=config.betas, weight_decay=config.weight_decay, fused=fused or None)
 
 
-_HYPERPARAMETERS = ("lr", "weight_decay", "betas")
+_HYPERPARAMETERS = ("lr", "peak_lr", "weight_decay", "betas")
 
 
 def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
@@ -126,6 +128,7 @@ def restore_hyperparameters(optimizer: torch.optim.Optimizer, chosen: list[dict[
             # A loaded state dict may hold betas as a list where the optimiser built a tuple.
             same = tuple(saved) == tuple(wanted[key]) if isinstance(saved, (list, tuple)) else saved == wanted.get(key)
             if key in wanted and key in group and not same:
-                changed.append(f"{name} {key} {group[key]!r} -> {wanted[key]!r}")
+                if key != "peak_lr":  # it follows lr: saying so twice would repeat every group
+                    changed.append(f"{name} {key} {group[key]!r} -> {wanted[key]!r}")
                 group[key] = wanted[key]
     return changed

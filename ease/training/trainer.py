@@ -36,7 +36,11 @@ from ease.training import early_stopping, loop, loss, optim
 from ease.training.checkpoint import TrainingProgress, data_generators
 from ease.training.checkpoint import load_checkpoint as _load_checkpoint
 from ease.training.checkpoint import save_checkpoint as _save_checkpoint
+from ease.training.curriculum import ExitCurriculum
 from ease.training.early_stopping import EarlyStoppingResult
+from ease.training.layer_dropout import LayerDropout
+from ease.training.metrics import MetricsLog
+from ease.training.schedule import LRSchedule
 from ease.validation import check_int
 
 __all__ = ["EarlyStoppingResult", "Trainer"]
@@ -96,6 +100,12 @@ class Trainer:
         # references, so that the trainer never keeps a model alive.
         self._last: tuple[weakref.ref, weakref.ref | None] | None = None
         self._generators: list[torch.Generator] = []
+        self._compiled_loss = None
+        self._metrics: MetricsLog | None = None
+        self._tokens_seen = 0
+        # The steps of the whole run, for a decaying schedule and the gradual curriculum:
+        # set by train_with_early_stopping; config.max_steps otherwise.
+        self.horizon: int | None = None
 
     @property
     def is_main_process(self) -> bool:
@@ -163,13 +173,14 @@ class Trainer:
         device = model.device
         # Under torchrun, through the DDP/FSDP2 wrapper: FSDP2's shards are gathered and a
         # backward of this loss reduces gradients over ranks (this rank's rows only).
-        return wrapped.run(
+        value, per_layer, _ = wrapped.run(
             loss.weighted_loss,
             inputs.to(device),
             targets.to(device, dtype=torch.long),
             weights,
             loss.uses_fused_loss(model, self.config),
         )
+        return value, per_layer
 
     # -- optimiser ------------------------------------------------------------------------
     def create_optimizer(self, model: EarlyExitDecoder, base_lr: float) -> torch.optim.AdamW:
@@ -257,14 +268,76 @@ class Trainer:
         verbose = self.config.verbose if verbose is None else verbose
         self._check_optimizer(model, optimizer)
         self._remember(model, optimizer)
-
-        def count_step() -> None:
-            self.progress.step += 1
-
-        return loop.train_epoch(
-            model, wrapped, train_batches, optimizer, weights, self.config, self.distributed, self.vocab_size,
-            show_progress=verbose and self.distributed.is_main, on_step=count_step,
+        runner = self.step_runner(model, optimizer)
+        mean, _, _ = loop.train_epoch(
+            runner, train_batches, show_progress=verbose and self.distributed.is_main,
+            first_step=self.progress.step, on_step=self.count_step,
         )  # fmt: skip
+        return mean
+
+    # -- the parts of a step ------------------------------------------------------------------
+    def step_runner(self, model: EarlyExitDecoder, optimizer: torch.optim.Optimizer) -> loop.StepRunner:
+        """The recipe of one optimiser step for ``model``: schedule, layer dropout, curriculum, loss.
+
+        The schedule's and the gradual curriculum's horizon is ``config.max_steps``, or
+        the run's ``max_epochs * len(train_batches)`` inside
+        :meth:`train_with_early_stopping`.
+
+        Raises:
+            ValueError: a decaying schedule or a gradual curriculum without a known number
+                of steps; a curriculum while the last layer has weight 0.
+        """
+        weights, wrapped = self._prepare(model)
+        config = self.config
+        config.check_recipe_for(model)
+        horizon = self.horizon if self.horizon is not None else config.max_steps
+        if config.compile and self._compiled_loss is None:
+            self._compiled_loss = torch.compile(loss.weighted_loss)
+        return loop.StepRunner(
+            model=model,
+            wrapped=wrapped,
+            optimizer=optimizer,
+            weights=weights,
+            config=config,
+            context=self.distributed,
+            vocab_size=self.vocab_size,
+            schedule=LRSchedule(config.lr_schedule, config.warmup_steps, horizon, config.min_lr_ratio),
+            dropout=LayerDropout(model.num_layers, config.layer_dropout, config.layer_dropout_shape, config.seed),
+            curriculum=ExitCurriculum(config.exit_curriculum, model.num_layers, config.curriculum_period, horizon),
+            loss_fn=self._compiled_loss if config.compile else loss.weighted_loss,
+        )
+
+    def count_step(self, figures: loop.StepFigures) -> None:
+        """Account for one optimiser step: :attr:`progress`, and the metrics log when configured."""
+        self.progress.step += 1
+        position = self.progress.position
+        if position is not None:
+            position["tokens"] += figures.tokens
+            self._tokens_seen = position["tokens"]
+        else:
+            self._tokens_seen += figures.tokens
+        if self.config.log_dir is not None:
+            self.metrics.step(
+                self.progress.step, self._tokens_seen, figures.tokens, figures.lr, figures.loss_sum,
+                figures.layer_ce_sums, figures.layer_correct, figures.grad_norm,
+            )  # fmt: skip
+
+    @property
+    def metrics(self) -> MetricsLog:
+        """The metrics log of ``config.log_dir`` (opened on first use; rank 0 writes)."""
+        if self._metrics is None:
+            self._metrics = MetricsLog(self.config.log_dir, self.config.log_every, enabled=self.distributed.is_main)
+        return self._metrics
+
+    @property
+    def data_generators(self) -> list[torch.Generator]:
+        """The ``torch.Generator`` objects of the training ``DataLoader`` of the current run."""
+        return self._generators
+
+    @property
+    def tokens_seen(self) -> int:
+        """Target tokens trained on by this trainer (since the start of the run, after a resume)."""
+        return self._tokens_seen
 
     # -- evaluation -----------------------------------------------------------------------
     def evaluate(
@@ -400,6 +473,11 @@ class Trainer:
         self._remember(model, optimizer)
         self._generators = data_generators(train_batches) if train_batches is not None else []
         self.progress = TrainingProgress()
+        self._tokens_seen = 0
+        if self.config.uses_step_budget or self.config.log_dir is not None:
+            self.progress.position = {
+                "tokens": 0, "batch_in_epoch": 0, "evaluations": 0, "best_step": 0, "epoch_generators": [],
+            }  # fmt: skip
         return self.progress
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -506,6 +584,7 @@ class Trainer:
         self.progress = _load_checkpoint(
             path, model, optimizer, context=self.distributed, generators=self._generators, restore_rng=restore_rng
         )
+        self._tokens_seen = self.progress.position["tokens"] if self.progress.position else 0
         if chosen is not None:
             # The optimiser's state dict carries the checkpoint's learning rates; the
             # optimiser given was built with this run's base_lr and layer_lr_scales.
