@@ -193,6 +193,8 @@ class TrainingConfig:
                 raise ValueError(f"checkpoint_dir must be a non-empty path or None, got {self.checkpoint_dir!r}")
             self.checkpoint_dir = os.fspath(self.checkpoint_dir)
         self.resume = check_bool("resume", self.resume)
+        if self.resume and self.checkpoint_dir is None:
+            raise ValueError("resume=True needs a checkpoint_dir to resume from")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         self.warmup_steps = check_int("warmup_steps", self.warmup_steps, 0)
@@ -219,8 +221,6 @@ class TrainingConfig:
     def uses_step_budget(self) -> bool:
         """Whether training is counted in steps (a step or token budget, or ``eval_every``)."""
         return self.max_steps is not None or self.max_tokens is not None or self.eval_every is not None
-        if self.resume and self.checkpoint_dir is None:
-            raise ValueError("resume=True needs a checkpoint_dir to resume from")
 
     # -- checks that need the model ---------------------------------------------------------
     def validate_for(self, model: EarlyExitDecoder) -> None:

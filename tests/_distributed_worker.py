@@ -18,12 +18,15 @@ micro-batches (``grad_accumulation_steps=2``). The run:
 5. (DDP) trains one epoch from a ``DataLoader`` with a ``DistributedSampler``, which the
    Trainer must use as it is;
 6. poisons the last rank's rows with a NaN in epoch 2: every rank must stop with the
-   same error, and the checkpoint of epoch 1 must stay.
+   same error, and the checkpoint of epoch 1 must stay;
+7. trains with the recipe options: layer dropout, a cosine schedule, a step budget with
+   evaluations every 2 steps.
 
 Rank ``r`` writes ``rank{r}.json`` (figures, decisions, how many checkpoint writes it
 made) and ``rank{r}.log`` (its stdout and stderr); rank 0 writes the full weights after
-phases 3 and 5 (``weights_*.pt``) and the checkpoints. Dropout is 0: each rank would draw
-its own masks, which no single process can reproduce.
+phases 3, 5 and 7 (``weights_*.pt``) and the checkpoints. Dropout is 0: each rank would draw
+its own masks, which no single process can reproduce. Layer dropout is not: its decisions
+are drawn for the global batch from the seed and the step.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ def data() -> tuple[list, list, torch.Tensor]:
     return train, val, sampler_rows
 
 
-def build(mode: str, checkpoint_dir: str | None, fused_loss: bool, accumulation: int):
+def build(mode: str, checkpoint_dir: str | None, fused_loss: bool, accumulation: int, **recipe):
     from ease import DeepSupervisionTransformer, Trainer, TrainingConfig
 
     config = TrainingConfig(
@@ -85,6 +88,7 @@ def build(mode: str, checkpoint_dir: str | None, fused_loss: bool, accumulation:
         checkpoint_dir=checkpoint_dir,
         fused_loss=fused_loss,
         verbose=True,
+        **recipe,
     )
     trainer = Trainer(config, VOCAB)
     model = DeepSupervisionTransformer(vocab_size=VOCAB, dim=32, num_layers=LAYERS, max_seq_len=32)
@@ -211,6 +215,21 @@ def run(mode: str, out: Path, fused_loss: bool) -> None:
         report["nan_error"] = None
     except FloatingPointError as error:
         report["nan_error"] = str(error)
+
+    print("phase 7", flush=True)
+    # Phase 7: the training recipe under a wrapper: layer dropout (drawn for the global
+    # batch, so every rank skips what one process skips), a cosine schedule with warmup and
+    # a step budget with evaluations every 2 steps.
+    recipe = dict(
+        layer_dropout=0.5, layer_dropout_shape="uniform", lr_schedule="cosine", warmup_steps=2,
+        max_steps=6, eval_every=2,
+    )  # fmt: skip
+    trainer, model = build(mode, None, fused_loss, accumulation, **recipe)
+    optimizer = sgd(trainer, model)
+    budget = trainer.train_with_early_stopping(model, train, val, optimizer, max_epochs=5, patience=5)
+    report["recipe_history"] = jsonable([without_seconds(h) for h in budget.history])
+    report["recipe_steps"] = budget.steps_run
+    save_weights(model, context, out / "weights_recipe.pt")
 
     report["checkpoint_writes"] = writes["count"]
     ease.training.checkpoint._write = real_write

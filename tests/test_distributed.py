@@ -136,6 +136,20 @@ def test_final_weights_match_one_process(launched) -> None:
     assert_same_weights(straight, read_checkpoint(single / "straight" / "last.pt")["model"])
 
 
+def test_recipe_with_layer_dropout_matches_one_process(launched) -> None:
+    # Layer dropout's decisions, the schedule and the step budget are the same on two ranks
+    # as on one process: the same losses at every evaluation and the same weights.
+    _, out, single = launched
+    (expected,) = reports(single)
+    for report in reports(out):
+        assert report["recipe_steps"] == expected["recipe_steps"] == 6
+        assert [h["step"] for h in report["recipe_history"]] == [2, 4, 6]
+        for got, want in zip(report["recipe_history"], expected["recipe_history"], strict=True):
+            assert got["train_loss"] == pytest.approx(want["train_loss"], rel=LOSS_REL)
+            assert got["val_loss"] == pytest.approx(want["val_loss"], rel=LOSS_REL)
+    assert_same_weights(out / "weights_recipe.pt", single / "weights_recipe.pt")
+
+
 def test_evaluation_figures_are_identical(launched) -> None:
     _, out, single = launched
     (expected,) = reports(single)
