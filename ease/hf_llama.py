@@ -602,6 +602,8 @@ def to_hf_llama(
     state = hf_llama_state_dict(model, dtype)
     with atomic_path(directory / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())  # on disk before the rename publishes it
     atomic_write_text(directory / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     return directory
 
