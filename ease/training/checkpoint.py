@@ -256,11 +256,17 @@ def check_progress(values: object, name: str) -> dict[str, Any]:
     if missing:
         raise ValueError(f"{name}.{missing[0]} is missing (the training progress needs {missing})")
     epoch = check_int(f"{name}.epoch", values["epoch"], 0, expected="an integer >= 0")
-    check_int(f"{name}.step", values["step"], 0, expected="an integer >= 0")
-    check_int(f"{name}.best_epoch", values["best_epoch"], 0, epoch, expected=f"an integer in 0..epoch={epoch}")
+    step = check_int(f"{name}.step", values["step"], 0, expected="an integer >= 0")
+    # A run counted in steps checkpoints inside an epoch (its best can be the epoch under
+    # way) and counts evaluations, at most one per step, without improvement.
+    counted_in_steps = isinstance(values.get("position"), dict)
+    best_limit, wait_limit = (epoch + 1, step) if counted_in_steps else (epoch, epoch)
     check_int(
-        f"{name}.epochs_without_improvement", values["epochs_without_improvement"], 0, epoch,
-        expected=f"an integer in 0..epoch={epoch}",
+        f"{name}.best_epoch", values["best_epoch"], 0, best_limit, expected=f"an integer in 0..{best_limit}"
+    )
+    check_int(
+        f"{name}.epochs_without_improvement", values["epochs_without_improvement"], 0, wait_limit,
+        expected=f"an integer in 0..{wait_limit}",
     )  # fmt: skip
     loss = values["best_val_loss"]
     if not is_real(loss) or math.isnan(loss):

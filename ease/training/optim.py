@@ -115,7 +115,9 @@ def restore_hyperparameters(optimizer: torch.optim.Optimizer, chosen: list[dict[
 
     A checkpoint's optimiser state brings the learning rates it was saved with; a resumed
     run must use the ones its optimiser was built with (a new ``base_lr`` or
-    ``layer_lr_scales``), never keep the old ones silently.
+    ``layer_lr_scales``), never keep the old ones silently. Groups with a ``peak_lr`` (a
+    learning-rate schedule scales it) are compared by their peak; their current ``lr``
+    keeps the schedule's factor at the saved step.
 
     Returns:
         One line per value that differed, ``"<group> <key> <saved> -> <chosen>"``.
@@ -123,12 +125,18 @@ def restore_hyperparameters(optimizer: torch.optim.Optimizer, chosen: list[dict[
     changed = []
     for index, (group, wanted) in enumerate(zip(optimizer.param_groups, chosen)):
         name = wanted.get("name", f"group {index}")
-        for key in _HYPERPARAMETERS:
-            saved = group.get(key)
+        scheduled = "peak_lr" in group and "peak_lr" in wanted
+        if scheduled and group["peak_lr"] != wanted["peak_lr"]:
+            changed.append(f"{name} lr {group['peak_lr']!r} -> {wanted['peak_lr']!r}")
+            factor = group["lr"] / group["peak_lr"] if group["peak_lr"] else 1.0
+            group["peak_lr"], group["lr"] = wanted["peak_lr"], wanted["peak_lr"] * factor
+        for key in ("weight_decay", "betas") if scheduled else ("lr", "weight_decay", "betas"):
+            if key not in wanted or key not in group:
+                continue
+            saved = group[key]
             # A loaded state dict may hold betas as a list where the optimiser built a tuple.
-            same = tuple(saved) == tuple(wanted[key]) if isinstance(saved, (list, tuple)) else saved == wanted.get(key)
-            if key in wanted and key in group and not same:
-                if key != "peak_lr":  # it follows lr: saying so twice would repeat every group
-                    changed.append(f"{name} {key} {group[key]!r} -> {wanted[key]!r}")
+            same = tuple(saved) == tuple(wanted[key]) if isinstance(saved, (list, tuple)) else saved == wanted[key]
+            if not same:
+                changed.append(f"{name} {key} {saved!r} -> {wanted[key]!r}")
                 group[key] = wanted[key]
     return changed
