@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-
 from ease.validation import (
     check_bool,
     check_int,
@@ -26,6 +25,9 @@ from ease.validation import (
 )
 from ease.validation import is_int as _is_int
 from ease.validation import is_real as _is_real
+
+if TYPE_CHECKING:
+    from ease.models import EarlyExitDecoder
 
 
 # The choices of the training recipe's options; their modules (ease.training.schedule,

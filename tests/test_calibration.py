@@ -6,8 +6,9 @@ import sys
 import pytest
 import torch
 
+from _builders import random_batches, tiny_model
 import ease
-from ease import DeepSupervisionTransformer, Trainer, TrainingConfig, calibrate_threshold
+from ease import Trainer, TrainingConfig, calibrate_threshold
 from ease.calibration import DEFAULT_THRESHOLDS, CalibrationResult
 from ease.data import IGNORE_INDEX
 
@@ -17,18 +18,14 @@ VOCAB = 50
 
 def random_model(num_layers=4, seed=0):
     """Wide random weights (std 0.3): confidences spread over about 0.1..0.6."""
-    torch.manual_seed(seed)
-    model = DeepSupervisionTransformer(VOCAB, 32, num_layers, max_seq_len=32, tie_embeddings=False).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                param.normal_(0.0, 0.3)
-    return model
+    return tiny_model(
+        vocab_size=VOCAB, num_layers=num_layers, seed=seed, weight_std=0.3, eval_mode=True,
+        max_seq_len=32, tie_embeddings=False,
+    )  # fmt: skip
 
 
 def batches(count=3, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (4, 17), generator=generator) for _ in range(count)]
+    return random_batches(count, rows=4, columns=17, vocab_size=VOCAB, seed=seed)
 
 
 THRESHOLDS = [0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0]

@@ -23,6 +23,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from _builders import tiny_model
 from ease import DeepSupervisionTransformer, Trainer, create_deep_supervision_config
 from ease.training.checkpoint import (
     CHECKPOINT_NAME,
@@ -62,7 +63,7 @@ def make(checkpoint_dir: Path | None = None, dropout: float = 0.1, **config):
         ),
         VOCAB,
     )
-    model = DeepSupervisionTransformer(vocab_size=VOCAB, dim=32, num_layers=LAYERS, max_seq_len=32, dropout=dropout)
+    model = tiny_model(vocab_size=VOCAB, num_layers=LAYERS, max_seq_len=32, dropout=dropout)
     optimizer = trainer.create_optimizer(model, base_lr=3e-3)
     return trainer, model, optimizer
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from _builders import tiny_model
 import ease_kernels
 from ease import DeepSupervisionTransformer, StandardTransformer, TrainingConfig
 from ease.generation import GenerationOutput, KVCache, generate
@@ -24,15 +25,8 @@ PROMPTS = [[3, 1, 4, 1, 5], [9, 2, 6], [5, 3, 5, 8, 9, 7, 9], [2]]
 
 
 def random_model(cls=DeepSupervisionTransformer, num_layers=4, seed=0, **kwargs):
-    torch.manual_seed(seed)
-    options = dict(max_seq_len=48, tie_embeddings=False, num_kv_heads=2)
-    options.update(kwargs)
-    model = cls(VOCAB, 32, num_layers, **options).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                param.normal_(0.0, 0.3)
-    return model
+    options = dict(max_seq_len=48, tie_embeddings=False, num_kv_heads=2) | kwargs
+    return tiny_model(cls, VOCAB, 32, num_layers, seed=seed, weight_std=0.3, eval_mode=True, **options)
 
 
 @torch.no_grad()

@@ -8,16 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from _builders import tiny_model
 import ease_kernels
 from conftest import KERNEL_DEVICE
 from ease import DeepSupervisionTransformer, ModelConfig, StandardTransformer, load_model
 
 
 def tiny(cls=DeepSupervisionTransformer, **kwargs):
-    torch.manual_seed(0)
-    defaults = dict(vocab_size=97, dim=32, num_layers=3, max_seq_len=24)
-    defaults.update(kwargs)
-    return cls(defaults.pop("vocab_size"), defaults.pop("dim"), defaults.pop("num_layers"), **defaults)
+    return tiny_model(cls, **(dict(vocab_size=97, max_seq_len=24) | kwargs), seed=0)
 
 
 def test_default_exit_layers_differ_by_class():

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _builders import random_batches, tiny_model
 import ease_kernels
 from ease import DeepSupervisionTransformer, Trainer, TrainingConfig
 from ease.training.curriculum import ExitCurriculum, depth_loss_weights
@@ -22,12 +23,11 @@ LAYERS = 4
 
 
 def tiny(**kwargs) -> DeepSupervisionTransformer:
-    return DeepSupervisionTransformer(vocab_size=VOCAB, dim=16, num_layers=LAYERS, num_heads=2, max_seq_len=32, **kwargs)
+    return tiny_model(vocab_size=VOCAB, dim=16, num_layers=LAYERS, num_heads=2, max_seq_len=32, **kwargs)
 
 
 def batches(n: int, rows: int = 4, seq: int = 9, seed: int = 0) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (rows, seq), generator=generator) for _ in range(n)]
+    return random_batches(n, rows=rows, columns=seq, vocab_size=VOCAB, seed=seed)
 
 
 def config(**kwargs) -> TrainingConfig:

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import _builders as builders
 import ease_kernels
 from ease import (
     IGNORE_INDEX,
@@ -34,12 +35,11 @@ REL = 1e-5  # float32 trainer vs float64 test, see the module docstring
 
 
 def tiny_model(cls=DeepSupervisionTransformer, **kwargs) -> torch.nn.Module:
-    return cls(vocab_size=VOCAB, dim=32, num_layers=LAYERS, max_seq_len=32, **kwargs)
+    return builders.tiny_model(cls, VOCAB, 32, LAYERS, max_seq_len=32, **kwargs)
 
 
 def random_batches(n: int, batch: int = 4, seq: int = 12, seed: int = 0) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (batch, seq + 1), generator=generator) for _ in range(n)]
+    return builders.random_batches(n, rows=batch, columns=seq + 1, vocab_size=VOCAB, seed=seed)
 
 
 def periodic_batches(n: int, batch: int = 8, seq: int = 24, period: int = 5, seed: int = 0) -> list[torch.Tensor]:

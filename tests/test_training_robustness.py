@@ -10,18 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from _builders import random_batches, tiny_model
 from ease import DeepSupervisionTransformer, Trainer, TrainingConfig, calibrate_threshold
 
 VOCAB = 40
 
 
 def tiny(num_layers: int = 3) -> DeepSupervisionTransformer:
-    return DeepSupervisionTransformer(vocab_size=VOCAB, dim=16, num_layers=num_layers, num_heads=2, max_seq_len=32)
+    return tiny_model(vocab_size=VOCAB, dim=16, num_layers=num_layers, num_heads=2, max_seq_len=32)
 
 
 def batches(n: int, rows: int = 4, seq: int = 9, seed: int = 0) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (rows, seq), generator=generator) for _ in range(n)]
+    return random_batches(n, rows=rows, columns=seq, vocab_size=VOCAB, seed=seed)
 
 
 def test_non_finite_gradient_stops_the_step_without_clipping() -> None:

@@ -12,17 +12,17 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
-from ease import DeepSupervisionTransformer, Trainer, TrainingConfig, calibrate_threshold
+from _builders import random_batches, tiny_model
+from ease import Trainer, TrainingConfig, calibrate_threshold
 from ease.exits import ExitRule
 from ease.generation import generate
 from ease.validation import check_int, check_real
 
 VOCAB = 30
 LAYERS = 3
-MODEL = DeepSupervisionTransformer(vocab_size=VOCAB, dim=16, num_layers=LAYERS, num_heads=2, max_seq_len=16)
-VAL = [torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))]
+MODEL = tiny_model(vocab_size=VOCAB, dim=16, num_layers=LAYERS, num_heads=2, max_seq_len=16)
+VAL = random_batches(1, rows=2, columns=6, vocab_size=VOCAB)
 PROMPT = [[1, 2, 3]]
 
 

@@ -318,9 +318,9 @@ def _describe(value: object) -> str:
 def _check_payload(payload: dict[str, Any], path: Path) -> None:
     """Every field :func:`load_checkpoint` reads, checked before anything is loaded."""
     fields = ("model", "optimizer", "trainer", "rng", "world_size")
-    for field in fields:
-        if field not in payload:
-            raise ValueError(f"{path}: the checkpoint has no {field!r} field (it needs {list(fields)})")
+    for name in fields:
+        if name not in payload:
+            raise ValueError(f"{path}: the checkpoint has no {name!r} field (it needs {list(fields)})")
     if not _is_state_dict(payload["model"]):
         raise ValueError(f"{path}: the 'model' field must be a state dict (names to tensors)")
     optimizer = payload["optimizer"]

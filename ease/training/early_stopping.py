@@ -25,7 +25,7 @@ from ease.data import Batch
 from ease.models import EarlyExitDecoder
 from ease.training import distributed as dist_utils
 from ease.training import loop
-from ease.training.checkpoint import CHECKPOINT_NAME, TrainingProgress, latest_checkpoint
+from ease.training.checkpoint import CHECKPOINT_NAME, latest_checkpoint
 from ease.validation import check_int, check_real
 
 if TYPE_CHECKING:
