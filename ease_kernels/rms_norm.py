@@ -1,8 +1,8 @@
 """RMSNorm, optionally fused with the pre-norm residual add.
 
-Reads top to bottom: the reference op (the definition), the Triton kernels, their
-launchers, the ``torch.library`` registration (for ``torch.compile``), the eager
-autograd function, and the public function.
+Reads top to bottom: the reference op (the definition) and the plain forward and
+backward it implies, the Triton kernels, their launchers, the registration (custom ops
+for ``torch.compile`` and the one autograd function), and the public function.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch.autograd.function import once_differentiable
 
 from ease_kernels._launch import jit, persistent_programs, row_block, tl
 from ease_kernels._validation import check_eps, check_float
-from ease_kernels.dispatch import use_triton
+from ease_kernels.dispatch import launch, use_triton
 
 
 # ---------------------------------------------------------------------------------------
@@ -36,6 +36,38 @@ def rms_norm_reference(
     y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.to(compute_dtype)
     y = y.to(x.dtype)
     return y if residual is None else (y, x)
+
+
+def rms_norm_fwd_reference(
+    x: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward of :func:`rms_norm_reference` in plain PyTorch, keeping what the backward needs.
+
+    Returns ``(y, rstd)``: ``y`` as :func:`rms_norm_reference` gives it, ``rstd`` of shape
+    ``x.shape[:-1] + (1,)`` in float32 (float64 for float64 ``x``).
+    """
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)
+    x32 = x.to(compute_dtype)
+    rstd = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)
+    return (x32 * rstd * weight.to(compute_dtype)).to(x.dtype), rstd
+
+
+def rms_norm_bwd_reference(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward of :func:`rms_norm_fwd_reference` (the math is written above the kernels).
+
+    ``dx = rstd * (dy * w - xhat * mean(dy * w * xhat))`` in ``x``'s dtype and
+    ``dweight = sum over rows of dy * xhat`` in ``rstd``'s dtype (float32 or float64, not
+    rounded to the weight's: callers that sum it over chunks round once at the end).
+    ``x`` and ``dy`` are ``[rows, n]``, ``rstd`` ``[rows, 1]``.
+    """
+    compute_dtype = rstd.dtype
+    xhat = x.to(compute_dtype) * rstd
+    dy = dy.to(compute_dtype)
+    dy_w = dy * weight.to(compute_dtype)
+    c = (dy_w * xhat).mean(-1, keepdim=True)
+    return (rstd * (dy_w - xhat * c)).to(x.dtype), (dy * xhat).sum(0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -318,23 +350,25 @@ def rms_norm_bwd(
 
 
 # ---------------------------------------------------------------------------------------
-# Registration: custom ops (opaque to torch.compile, with fake implementations for
-# tracing) and their autograd. A custom op may not return None or an alias of an input,
-# hence two forward ops: with a residual the op also returns s; without, it cannot.
+# Registration: one custom op per launcher (opaque to torch.compile, with a fake for
+# tracing) and one autograd function, which reaches the launchers through
+# dispatch.launch: directly in eager mode, through the custom ops under torch.compile.
+# A custom op may not return None, so without a residual the forward op returns an
+# empty s.
 # ---------------------------------------------------------------------------------------
 @torch.library.custom_op("ease::rms_norm_fwd", mutates_args=())
-def _rms_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, rstd)`` of :func:`rms_norm_fwd` without a residual."""
-    y, _, rstd = rms_norm_fwd(x, weight, eps)
-    return y, rstd
-
-
-@torch.library.custom_op("ease::rms_norm_residual_fwd", mutates_args=())
-def _rms_norm_residual_fwd_op(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+def _rms_norm_fwd_op(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y, s, rstd)`` of :func:`rms_norm_fwd` with ``s = x + residual``."""
-    return rms_norm_fwd(x, weight, eps, residual)
+    """``(y, s, rstd)`` of :func:`rms_norm_fwd`; ``s`` is empty without a residual."""
+    y, s, rstd = rms_norm_fwd(x, weight, eps, residual)
+    return y, x.new_empty(0) if s is None else s, rstd
+
+
+@_rms_norm_fwd_op.register_fake
+def _(x, weight, eps, residual):
+    s = x.new_empty(0) if residual is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), s, x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("ease::rms_norm_bwd", mutates_args=())
@@ -345,96 +379,33 @@ def _rms_norm_bwd_op(
     return rms_norm_bwd(dy, x, weight, rstd, ds)
 
 
-def _empty_like_rows(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-
-
-def _empty_rstd(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-
-
-@_rms_norm_fwd_op.register_fake
-def _(x, weight, eps):
-    return _empty_like_rows(x), _empty_rstd(x)
-
-
-@_rms_norm_residual_fwd_op.register_fake
-def _(x, residual, weight, eps):
-    return _empty_like_rows(x), _empty_like_rows(x), _empty_rstd(x)
-
-
 @_rms_norm_bwd_op.register_fake
 def _(dy, x, weight, rstd, ds):
-    return _empty_like_rows(x), torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty_like(weight)
 
 
-def _setup_fwd(ctx, inputs, output):
-    x, weight, _ = inputs
-    _, rstd = output
-    ctx.mark_non_differentiable(rstd)
-    ctx.save_for_backward(x, weight, rstd)
-
-
-def _backward_fwd(ctx, dy, _drstd):
-    x, weight, rstd = ctx.saved_tensors
-    dx, dweight = torch.ops.ease.rms_norm_bwd(dy, x, weight, rstd, None)
-    return dx, dweight, None
-
-
-def _setup_residual_fwd(ctx, inputs, output):
-    _, _, weight, _ = inputs
-    _, s, rstd = output
-    ctx.mark_non_differentiable(rstd)
-    ctx.save_for_backward(s, weight, rstd)  # s, not x: it is what was normalised
-
-
-def _backward_residual_fwd(ctx, dy, ds, _drstd):
-    s, weight, rstd = ctx.saved_tensors
-    # s = x + residual, so both receive the same gradient: the kernel's dx, which
-    # already includes ds (autograd materialises ds as zeros when s is unused).
-    dx, dweight = torch.ops.ease.rms_norm_bwd(dy, s, weight, rstd, ds)
-    return dx, dx, dweight, None
-
-
-torch.library.register_autograd("ease::rms_norm_fwd", _backward_fwd, setup_context=_setup_fwd)
-torch.library.register_autograd(
-    "ease::rms_norm_residual_fwd", _backward_residual_fwd, setup_context=_setup_residual_fwd
-)
-
-
-# ---------------------------------------------------------------------------------------
-# Eager path: the same launchers under a plain autograd.Function. A torch.library custom
-# op with registered autograd costs about 45 µs more host time per forward call, 90 µs
-# with its backward (bench/bench_call_overhead.py, launchers stubbed, on the CPU): as
-# long as the kernel itself at 16k × 4096 on an H100. torch.compile takes the custom ops.
-# ---------------------------------------------------------------------------------------
 class _RMSNormFunction(torch.autograd.Function):
+    """``y`` or ``(y, s)`` of :func:`rms_norm_fwd`, differentiable in ``x``, ``weight``, ``residual``."""
+
     @staticmethod
     def forward(ctx, x, weight, eps, residual):
-        y, s, rstd = rms_norm_fwd(x, weight, eps, residual)
+        # An unused output's gradient arrives as None rather than a tensor of zeros the
+        # size of x that the backward kernel would read (s, when only y is used).
+        ctx.set_materialize_grads(False)
+        y, s, rstd = launch(rms_norm_fwd, torch.ops.ease.rms_norm_fwd, x, weight, eps, residual)
         ctx.has_residual = residual is not None
-        ctx.save_for_backward(x if s is None else s, weight, rstd)  # what was normalised
-        return y if s is None else (y, s)
+        ctx.save_for_backward(s if ctx.has_residual else x, weight, rstd)  # what was normalised
+        return (y, s) if ctx.has_residual else y
 
     @staticmethod
     @once_differentiable  # the backward kernel has no backward: double backward raises
     def backward(ctx, dy, ds=None):
         normalised, weight, rstd = ctx.saved_tensors
-        # ds arrives as zeros when s is unused (autograd materialises it), as in the op.
-        dx, dweight = rms_norm_bwd(dy, normalised, weight, rstd, ds)
+        if dy is None:  # only s was used: s = x + residual hands ds to both, weight gets nothing
+            return ds, None, None, ds
+        dx, dweight = launch(rms_norm_bwd, torch.ops.ease.rms_norm_bwd, dy, normalised, weight, rstd, ds)
+        # s = x + residual, so both receive the same gradient: dx, which includes ds.
         return dx, dweight, None, dx if ctx.has_residual else None
-
-
-def _rms_norm_triton(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    if not torch.compiler.is_compiling():
-        return _RMSNormFunction.apply(x, weight, eps, residual)
-    if residual is None:
-        y, _ = torch.ops.ease.rms_norm_fwd(x, weight, eps)
-        return y
-    y, s, _ = torch.ops.ease.rms_norm_residual_fwd(x, residual, weight, eps)
-    return y, s
 
 
 # ---------------------------------------------------------------------------------------
@@ -486,5 +457,5 @@ def rms_norm(
             x, residual = x.to(common), residual.to(common)
     eps = check_eps(eps)
     if use_triton(x):
-        return _rms_norm_triton(x, weight, eps, residual)
+        return _RMSNormFunction.apply(x, weight, eps, residual)
     return rms_norm_reference(x, weight, eps, residual)

@@ -13,7 +13,7 @@ import torch
 
 import ease_kernels
 from ease_kernels import exit_confidence, exit_confidence_reference
-from ease_kernels.exit_confidence import _VOCAB_BLOCK as BLOCK  # the kernel's lanes per loop step
+from ease_kernels._online_softmax import VOCAB_BLOCK as BLOCK  # the kernel's lanes per loop step
 
 # Where the kernels can run: CUDA when present, the CPU only through the Triton interpreter
 # (conftest turns it on when there is no GPU; without it Triton cannot touch CPU tensors).
