@@ -53,14 +53,15 @@ class Launch:
     num_warps: int
     num_stages: int | None
     grid: tuple[int, ...]
+    maxnreg: int | None = None
 
 
 @contextlib.contextmanager
 def caught_launches() -> Iterator[list[Launch]]:
     """Inside the block, ``kernel[grid](...)`` records a :class:`Launch` instead of running.
 
-    ``persistent_programs`` answers as on an H100 (2 programs per SM), since the meta
-    tensors the launchers get here have no CUDA device to ask.
+    ``persistent_programs`` answers as on an H100 (132 SMs), since the meta tensors the
+    launchers get here have no CUDA device to ask.
     """
     from triton.runtime.jit import JITFunction
 
@@ -71,14 +72,15 @@ def caught_launches() -> Iterator[list[Launch]]:
     original_sm_count = _launch._sm_count
 
     def run(self, *args, grid, warmup, **kwargs):
-        options = {key: kwargs.pop(key) for key in ("num_warps", "num_stages") if key in kwargs}
+        options = {key: kwargs.pop(key) for key in ("num_warps", "num_stages", "maxnreg") if key in kwargs}
         bound = dict(zip(self.arg_names, args))
         bound.update(kwargs)
         grid = grid if isinstance(grid, tuple) else tuple(grid)
-        launches.append(Launch(self, bound, options.get("num_warps", 4), options.get("num_stages"), grid))
+        launches.append(Launch(self, bound, options.get("num_warps", 4), options.get("num_stages"), grid,
+                               options.get("maxnreg")))
 
-    def meta_is_cuda(n_rows: int, device: torch.device) -> int:
-        return max(1, min(n_rows, _launch.PROGRAMS_PER_SM * H100_SMS))
+    def meta_is_cuda(n_rows: int, device: torch.device, programs_per_sm: int = _launch.PROGRAMS_PER_SM) -> int:
+        return max(1, min(n_rows, programs_per_sm * H100_SMS))
 
     modules = [sys.modules[name] for name in list(sys.modules) if name.startswith("ease_kernels.")]
     patched = [(m, "persistent_programs") for m in modules if getattr(m, "persistent_programs", None)]
@@ -131,6 +133,8 @@ def compile_launch(launch: Launch):
     options = {"num_warps": launch.num_warps}
     if launch.num_stages is not None:
         options["num_stages"] = launch.num_stages
+    if launch.maxnreg is not None:
+        options["maxnreg"] = launch.maxnreg
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget(*TARGET), options=options)
 
@@ -271,8 +275,13 @@ def specs() -> list[Spec]:
         Spec("rms_norm bwd dx (with ds)", "16384x4096", lambda: rms.rms_norm_bwd(x, x, w, rstd, x),
              "_rms_norm_bwd_dx_fused", loops=[Loop("row", _per_thread("BLOCK"), 8.0)],
              note="min: read x, dy, ds; write dx"),
+        Spec("rms_norm bwd dx hidden 8192", "16384x8192",
+             lambda: rms.rms_norm_bwd(_meta(rows, 8192), _meta(rows, 8192), _meta(8192), rstd),
+             "_rms_norm_bwd_dx_fused", loops=[Loop("row", _per_thread("BLOCK"), 6.0)],
+             note="16 warps: one program per SM (two would need <= 64 registers)"),
         Spec("rms_norm bwd dw", "264x4096", lambda: rms.rms_norm_bwd(x, x, w, rstd), "_rms_norm_bwd_dw",
-             loops=[Loop("partials", _per_thread("BLOCK_N"), 4.0)],
+             loops=[Loop("partials", lambda launch: launch.args["BLOCK_P"] * launch.args["BLOCK_N"] / _threads(launch),
+                         4.0)],
              note="sums the per-program float32 partials of dw"),
         Spec("apply_rope fwd", "4x4096x(32+8)x128", lambda: rope._rope_launch(q, k, cos, sin, False),
              "_rope_fwd_bwd_kernel",

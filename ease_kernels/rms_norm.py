@@ -12,7 +12,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from ease_kernels._launch import jit, persistent_programs, row_block, tl
+from ease_kernels._launch import PROGRAMS_PER_SM, jit, persistent_programs, resident_registers, row_block, tl
 from ease_kernels._validation import check_eps, check_float
 from ease_kernels.dispatch import launch, use_triton
 
@@ -193,8 +193,8 @@ def _rms_norm_bwd_dx_fused(
     LOOP: tl.constexpr,  # n_cols > BLOCK: walk each row in chunks, in two passes
 ):
     """Program ``p`` owns rows ``[p * rows_per_program, (p + 1) * rows_per_program)`` and
-    row ``p`` of ``DW_partial``, which the launcher sums over programs: a deterministic
-    reduction, without atomics. Grid: ``(n_programs,)``."""
+    row ``p`` of ``DW_partial``, which ``_rms_norm_bwd_dw`` sums over programs: a
+    deterministic reduction, without atomics. Grid: ``(n_programs,)``."""
     program = tl.program_id(0).to(tl.int64)
     row_start = program * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
@@ -226,7 +226,9 @@ def _rms_norm_bwd_dx_fused(
         mask = cols < n_cols
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         dw = tl.zeros([BLOCK], dtype=tl.float32)
-        for row in range(row_start, row_end):
+        # Two stages: the loads of the next row are issued (asynchronous copies into shared
+        # memory) while this row is reduced, so a program never waits for DRAM between rows.
+        for row in tl.range(row_start, row_end, num_stages=2):
             rstd = tl.load(Rstd + row)
             x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
@@ -241,12 +243,48 @@ def _rms_norm_bwd_dx_fused(
         tl.store(DW_partial + cols, dw, mask=mask)
 
 
+@jit
+def _rms_norm_bwd_dw(
+    DW_partial,  # [n_programs, n_cols] float32, one row per program of the dx kernel
+    DW,  # output [n_cols]: the weight's dtype, or a float32 sum that is added to (ACCUMULATE)
+    n_programs,  # rows of DW_partial
+    n_cols,  # hidden size n
+    ACCUMULATE: tl.constexpr,  # DW += sum instead of DW = sum
+    BLOCK_P: tl.constexpr,  # rows of DW_partial per step
+    BLOCK_N: tl.constexpr,  # columns per program
+):
+    """``dw = sum over programs of DW_partial``, in float32, rounded once on the store: the
+    sum and the cast in one launch. Program ``j`` owns columns ``[j * BLOCK_N, (j + 1) *
+    BLOCK_N)`` and walks every row, always in the same order. Grid: ``(cdiv(n, BLOCK_N),)``."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for start in range(0, n_programs, BLOCK_P):
+        rows = start + tl.arange(0, BLOCK_P)
+        mask = (rows < n_programs)[:, None] & col_mask[None, :]
+        acc += tl.load(DW_partial + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+    dw = tl.sum(acc, axis=0)
+    if ACCUMULATE:
+        dw += tl.load(DW + cols, mask=col_mask, other=0.0)
+    tl.store(DW + cols, dw.to(DW.dtype.element_ty), mask=col_mask)
+
+
 # ---------------------------------------------------------------------------------------
 # Launchers: plain functions on tensors, usable (and tested) without autograd.
 # ---------------------------------------------------------------------------------------
 # Rows up to this many elements are held in registers whole (Llama hidden sizes up to
 # 8192); longer rows are walked in chunks of this size, reading each input twice.
 MAX_BLOCK = 8192
+
+# The backward's persistent grid holds PROGRAMS_PER_SM (2) programs per SM up to 8 warps
+# (hidden <= 4096) and 1 beyond, and caps the registers (maxnreg) so that they are
+# resident together: 65536 / (2 x 256 threads) = 128 at 8 warps. One register over and
+# half the grid waits for the other half, two waves for the time of one. The kernel
+# needs ~120 at hidden 4096 (bench/kernel_report.py, Triton 3.9, no spills); at hidden
+# 8192 (16 warps, the same 16 elements a thread) two programs would need <= 64 registers
+# and spill, so one program per SM runs instead.
+def _bwd_programs_per_sm(num_warps: int) -> int:
+    return PROGRAMS_PER_SM if num_warps <= 8 else 1
 
 
 def _as_rows(tensor: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
@@ -307,8 +345,10 @@ def rms_norm_bwd(
     ds: torch.Tensor | None = None,
     *,
     max_block: int = MAX_BLOCK,
+    dweight_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the backward kernel.
+    """Run the backward kernels: ``dx`` and per-program partial sums of ``dweight``, then
+    their sum.
 
     Args:
         dy: gradient wrt ``y``, ``x``'s shape.
@@ -317,23 +357,36 @@ def rms_norm_bwd(
         rstd: float32 ``x.shape[:-1]`` from :func:`rms_norm_fwd`.
         ds: optional gradient wrt ``s``, added to ``dx``.
         max_block: the largest block; rows longer than it are walked in chunks.
+        dweight_out: optional float32 ``[n]`` that the weight's gradient is added to,
+            unrounded, instead of being returned in a new tensor of ``weight``'s dtype (for
+            callers that sum it over chunks, such as the fused exit-head loss).
 
     Returns:
         ``(dx, dweight)``: ``dx`` contiguous in ``x``'s shape and dtype (the gradient wrt
-        both ``x`` and ``residual`` when there was one), ``dweight`` in ``weight``'s dtype,
-        summed in float32 over the rows.
+        both ``x`` and ``residual`` when there was one); ``dweight`` summed in float32 over
+        the rows and rounded once to ``weight``'s dtype, or ``dweight_out`` itself.
     """
     n_cols = x.shape[-1]
     n_rows = math.prod(x.shape[:-1])
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
-    if dx.numel() == 0:
-        return dx.view(x.shape), torch.zeros(n_cols, dtype=weight.dtype, device=weight.device)
+    if dweight_out is None:
+        dweight = torch.empty(n_cols, dtype=weight.dtype, device=weight.device)
+    elif dweight_out.dtype != torch.float32 or dweight_out.shape != (n_cols,) or not dweight_out.is_contiguous():
+        raise ValueError(f"dweight_out must be a contiguous float32 [{n_cols}], got {dweight_out.dtype} "
+                         f"{tuple(dweight_out.shape)}")  # fmt: skip
+    else:
+        dweight = dweight_out
+    if n_cols == 0:
+        return dx.view(x.shape), dweight
+    if n_rows == 0:
+        return dx.view(x.shape), dweight if dweight_out is not None else dweight.zero_()
     x_rows = _as_rows(x, n_rows, n_cols)
     dy_rows = _as_rows(dy, n_rows, n_cols)
     ds_rows = dy_rows if ds is None else _as_rows(ds, n_rows, n_cols)  # never read without ds
     block, num_warps = row_block(n_cols, max_block=max_block, can_loop=True)
     loop = n_cols > block
-    rows_per_program = -(-n_rows // persistent_programs(n_rows, x.device))
+    per_sm = _bwd_programs_per_sm(num_warps)
+    rows_per_program = -(-n_rows // persistent_programs(n_rows, x.device, per_sm))
     n_programs = -(-n_rows // rows_per_program)  # no program left without a row
     # The looping kernel adds into its row of the buffer, so it must start at zero; the
     # one-block kernel writes its row once.
@@ -345,8 +398,16 @@ def rms_norm_bwd(
         dy_rows.stride(0), ds_rows.stride(0), x_rows.stride(0),
         n_rows, n_cols, rows_per_program,
         HAS_DS=ds is not None, BLOCK=block, LOOP=loop, num_warps=num_warps,
+        maxnreg=resident_registers(per_sm, num_warps),
     )  # fmt: skip
-    return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
+    # [8 programs' rows x 256 columns] per step: 8 KiB of float32 in flight per program,
+    # and n / 256 programs (16 at hidden 4096) each reading n_programs x 1 KiB.
+    block_n = min(256, block)
+    _rms_norm_bwd_dw[(-(-n_cols // block_n),)](
+        dw_partial, dweight, n_programs, n_cols,
+        ACCUMULATE=dweight_out is not None, BLOCK_P=8, BLOCK_N=block_n, num_warps=4,
+    )  # fmt: skip
+    return dx.view(x.shape), dweight
 
 
 # ---------------------------------------------------------------------------------------
