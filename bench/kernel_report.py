@@ -257,10 +257,10 @@ def specs() -> list[Spec]:
     chunk = _meta(2048, 32000)
     row = lambda name: Loop(name, _per_thread("BLOCK"))  # noqa: E731
 
-    def rope_loop(name: str, heads: int, block_key: str) -> Loop:
+    def rope_loop(name: str, heads: int) -> Loop:
         # Elements of real heads (masked rows of the tile do no useful work) per thread.
         def elements(launch: Launch) -> float:
-            return 2 * min(heads, launch.args[block_key]) * launch.args["BLOCK_HALF"] / _threads(launch)
+            return 2 * min(heads, launch.args["BLOCK_H"]) * launch.args["BLOCK_HALF"] / _threads(launch)
 
         return Loop(name, elements, 4.0)
 
@@ -285,11 +285,11 @@ def specs() -> list[Spec]:
              note="sums the per-program float32 partials of dw"),
         Spec("apply_rope fwd", "4x4096x(32+8)x128", lambda: rope._rope_launch(q, k, cos, sin, False),
              "_rope_fwd_bwd_kernel",
-             loops=[rope_loop("q heads", 32, "BLOCK_HQ"), rope_loop("k heads", 8, "BLOCK_HK")],
+             loops=[rope_loop("q heads", 32), rope_loop("k heads", 8)],
              note="min per element of q and k: read 2 B, write 2 B (cos/sin once per token)"),
         Spec("apply_rope bwd", "4x4096x(32+8)x128", lambda: rope._rope_launch(q, k, cos, sin, True),
              "_rope_fwd_bwd_kernel",
-             loops=[rope_loop("q heads", 32, "BLOCK_HQ"), rope_loop("k heads", 8, "BLOCK_HK")]),
+             loops=[rope_loop("q heads", 32), rope_loop("k heads", 8)]),
         Spec("exit_confidence", "16384x32000", lambda: confidence._exit_confidence_launch(logits, 0.5),
              "_exit_confidence_fwd_kernel", loops=[Loop("vocab", _per_thread("BLOCK_V"), 2.0)],
              note="min: read the logits once"),

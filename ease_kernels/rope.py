@@ -115,7 +115,10 @@ def apply_rope_reference(
 #
 # One kernel does both (INVERSE). One program owns one token (b, t): it loads that token's
 # cos/sin once and rotates all Hq query heads and then all Hkv key heads with them, a tile
-# of BLOCK_H heads at a time. Grid: (B * T,).
+# of BLOCK_H heads at a time. Grid: (B * T,). The tile is as tall as the smaller group
+# (8 heads for 32 query + 8 key/value heads: 4 tiles of q, 1 of k), not the larger: a
+# 32-row tile for 8 key heads masks 24 rows, which cost instructions though they move no
+# bytes (22.5 SASS instructions per key element on sm_90 against 5.6; bench/kernel_report.py).
 @jit
 def _rope_rotate_heads(
     X,  # first element of this token's heads in q or k (head_dim contiguous)
@@ -189,15 +192,32 @@ _MAX_TILE = 2048
 _MAX_HALF_DIM = 4096
 
 
-def _rope_launch_config(half_dim: int, max_heads: int) -> tuple[int, int, int]:
-    """``(BLOCK_HALF, BLOCK_H, num_warps)`` for ``D/2 = half_dim`` and ``max(Hq, Hkv)`` heads."""
+# Elements of a tile (of each half) per thread: 8, as a 2048-element tile on 8 warps.
+_TILE_PER_THREAD = 8
+# The shortest tile: with one key/value head (multi-query attention) a 1-row tile would
+# walk the query heads one at a time; 4 rows mask 3 for k and keep q's loop short.
+_MIN_TILE_HEADS = 4
+
+
+def _rope_launch_config(half_dim: int, q_heads: int, kv_heads: int) -> tuple[int, int, int]:
+    """``(BLOCK_HALF, BLOCK_H, num_warps)`` for ``D/2 = half_dim`` and the two head counts.
+
+    ``BLOCK_H`` is the next power of two at or above the smaller head count (at least
+    ``_MIN_TILE_HEADS`` unless both are smaller, at most ``_MAX_TILE`` elements);
+    ``num_warps`` gives each thread ``_TILE_PER_THREAD`` elements of a tile.
+    """
     if half_dim > _MAX_HALF_DIM:
         raise ValueError(
             f"head_dim must be at most {2 * _MAX_HALF_DIM} for the Triton RoPE kernel, got {2 * half_dim}"
         )
     block_half, _ = row_block(half_dim, max_block=_MAX_HALF_DIM)
-    block_h = max(1, min(1 << (max(max_heads, 1) - 1).bit_length(), _MAX_TILE // block_half))
-    _, num_warps = row_block(block_h * block_half)
+
+    def power_of_two(heads: int) -> int:
+        return 1 << (max(heads, 1) - 1).bit_length()
+
+    heads = max(power_of_two(min(q_heads, kv_heads)), min(_MIN_TILE_HEADS, power_of_two(max(q_heads, kv_heads))))
+    block_h = max(1, min(heads, _MAX_TILE // block_half))
+    num_warps = min(8, max(1, block_h * block_half // (32 * _TILE_PER_THREAD)))
     return block_half, block_h, num_warps
 
 
@@ -225,7 +245,7 @@ def _rope_launch(
     cos = cos.to(torch.float32).contiguous()
     sin = sin.to(torch.float32).contiguous()
     stride_cb = cos.stride(0) if cos.dim() == 3 else 0
-    block_half, block_h, num_warps = _rope_launch_config(head_dim // 2, max(n_q_heads, n_kv_heads))
+    block_half, block_h, num_warps = _rope_launch_config(head_dim // 2, n_q_heads, n_kv_heads)
     _rope_fwd_bwd_kernel[(batch * seq,)](
         q, k, q_out, k_out, cos, sin,
         seq, n_q_heads, n_kv_heads, head_dim // 2,
