@@ -212,8 +212,10 @@ class Loop:
     """What one hot loop of a kernel does per iteration, to turn counts into per-element ones."""
 
     name: str
-    elements: Callable[[Launch], float]  # elements one thread owns in one iteration
+    elements: Callable[[Launch], float] | None  # elements one thread owns in one iteration
     min_bytes: float | None = None  # bytes per element the op must move in this loop
+    # A loop the compiler unrolled (a store-only loop): elements counted from its stores.
+    stored_bytes_per_element: int | None = None
 
 
 @dataclass
@@ -296,6 +298,7 @@ def specs() -> list[Spec]:
         Spec("cross_entropy fwd+grad", "2048x32000",
              lambda: loss.cross_entropy_chunk(chunk, targets, 1e-4, -100, True), "_cross_entropy_fwd_bwd_fused",
              loops=[Loop("softmax pass", _per_thread("BLOCK_V"), 2.0),
+                    Loop("zeros for an ignored row", None, 2.0, stored_bytes_per_element=2),
                     Loop("gradient pass", _per_thread("BLOCK_V"), 2.0)],
              note="min over both passes: read z once, write dz once (4 B); the row does not fit registers"),
     ]  # fmt: skip
@@ -333,8 +336,12 @@ def analyse(spec: Spec) -> list[dict[str, Any]]:
         pairs = [(spec.whole, (0, len(instructions) - 1))]
     for loop, (first, last) in pairs:
         body = instructions[first : last + 1]
-        elements = loop.elements(launch)
         moved = sum(global_bytes(text) for _, text in body)
+        if loop.stored_bytes_per_element:
+            stored = sum(global_bytes(text) for _, text in body if re.search(r"\bSTG\b", text))
+            elements = stored / loop.stored_bytes_per_element
+        else:
+            elements = loop.elements(launch)
         rows.append({
             **base, "loop": loop.name, "loop_sass": len(body), "elements_per_thread": elements,
             "sass_per_element": len(body) / elements, "bytes_per_element": moved / elements,

@@ -21,6 +21,11 @@ except ImportError:  # Triton is optional; dispatch.use_triton never picks a ker
         return fn
 
 
+def constant(value: float) -> object:
+    """A module-level number a kernel may read (``tl.constexpr``; the number without Triton)."""
+    return value if tl is None else tl.constexpr(value)
+
+
 # The largest block one program holds in registers. Triton refuses tensors above 2**20
 # elements, but long before that a block spills registers: 2**16 float32 is 256 KiB, the
 # whole register file of an SM. Kernels that can loop over a row should ask for less.

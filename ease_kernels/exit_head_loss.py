@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ease_kernels._launch import jit, row_block, tl
-from ease_kernels._online_softmax import VOCAB_BLOCK, online_softmax_row
+from ease_kernels._online_softmax import LOG2E, VOCAB_BLOCK, online_softmax_row
 from ease_kernels._validation import check_eps, check_float, check_tensor, check_threshold, is_real
 from ease_kernels.dispatch import use_triton
 from ease_kernels.exit_confidence import ExitDecision, exit_confidence
@@ -167,22 +167,35 @@ def _cross_entropy_fwd_bwd_fused(
     Logits += row * stride_row
     target = tl.load(Targets + row)
     valid = target != ignore_index
-    m_max_ref, total, prediction = online_softmax_row(Logits, vocab, BLOCK_V)
-    lse = m_max_ref + tl.log(total)
+    m_max, total, prediction = online_softmax_row(Logits, vocab, BLOCK_V)
+    lse = m_max + tl.log(total)
     # Read before the gradient sweep overwrites it; an ignored row reads z_0, unused.
     z_target = tl.load(Logits + tl.where(valid, target, 0)).to(tl.float32)
     tl.store(Loss + row, tl.where(valid, lse - z_target, 0.0))
     tl.store(Prediction + row, prediction.to(tl.int64))
     if COMPUTE_GRAD:
         lanes = tl.arange(0, BLOCK_V)
-        for start in range(0, vocab, BLOCK_V):
-            offs = start + lanes
-            mask = offs < vocab
-            z = tl.load(Logits + offs, mask=mask, other=0.0).to(tl.float32)
-            dz = scale * (tl.exp(z - lse) - tl.where(offs == target, 1.0, 0.0))
-            # where, not a multiplication by 0: an ignored row may hold inf or NaN logits.
-            dz = tl.where(valid, dz, 0.0)
-            tl.store(Logits + offs, dz.to(Logits.dtype.element_ty), mask=mask)
+        if valid:
+            # dz = s * softmax everywhere, then the one-hot term at the target alone: no
+            # per-element comparison with the target. exp(z - lse) = exp2(z * LOG2E - lse2),
+            # one FFMA and one MUFU.EX2.
+            lse2 = lse * LOG2E
+            for start in range(0, vocab, BLOCK_V):
+                offs = start + lanes
+                mask = offs < vocab
+                z = tl.load(Logits + offs, mask=mask, other=0.0).to(tl.float32)
+                dz = scale * tl.math.exp2(z * LOG2E - lse2)
+                tl.store(Logits + offs, dz.to(Logits.dtype.element_ty), mask=mask)
+            # Another thread of this program stored dz_t above; after the barrier that store
+            # is visible, so this one lands last.
+            tl.debug_barrier()
+            dz_target = scale * (tl.math.exp2(z_target * LOG2E - lse2) - 1.0)
+            tl.store(Logits + target, dz_target.to(Logits.dtype.element_ty))
+        else:
+            # An ignored row gets zeros, whatever it holds (inf or NaN included).
+            for start in range(0, vocab, BLOCK_V):
+                offs = start + lanes
+                tl.store(Logits + offs, tl.zeros([BLOCK_V], dtype=Logits.dtype.element_ty), mask=offs < vocab)
 
 
 # ---------------------------------------------------------------------------------------

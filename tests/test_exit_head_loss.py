@@ -28,6 +28,10 @@ from ease_kernels import exit_head_confidence, exit_head_loss, exit_head_loss_re
 EPS = 1e-6
 IGNORE = -100
 
+# The cross-entropy kernel's running maximum starts at the lowest finite float; in the Triton
+# interpreter numpy warns when |z - FLT_LOWEST| * log2(e) overflows to inf (exp2 of it is 0).
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")
+
 # dtype of the hidden states and weights -> (loss tolerance, gradient tolerance), in the
 # metric above, for either path (reference or Triton).
 TOLERANCES = {
@@ -442,3 +446,36 @@ def test_training_with_the_fused_loss_follows_the_plain_loss_curve(tmp_path_fact
     assert plain[-1] < plain[0] - 0.5  # it trains
     for step, (a, b) in enumerate(zip(fused, plain), start=1):
         assert a == pytest.approx(b, rel=1e-4), f"step {step}: fused {a:.6f}, plain {b:.6f}"
+
+
+def test_cross_entropy_kernel_rows_against_float64(triton_backend) -> None:
+    """The launcher on one chunk: the gradient (softmax everywhere, the one-hot term written
+    at the target after a barrier) and the loss against float64 for targets in the first,
+    a middle and the last (partial) block; an ignored row of NaN and inf gets zeros and
+    loss 0; -inf logits in a valid row add nothing."""
+    module = importlib.import_module("ease_kernels.exit_head_loss")
+    vocab = 2 * 4096 + 9
+    logits = 3 * torch.randn(5, vocab)
+    logits[3, :: 3] = float("nan")
+    logits[3, 1] = float("inf")
+    logits[4, 100:5000] = float("-inf")
+    targets = torch.tensor([0, 5000, vocab - 1, IGNORE, 7])
+    z64 = logits.double()
+    valid = targets != IGNORE
+    lse = torch.logsumexp(z64[valid], dim=-1)
+    want_loss = lse - z64[valid].gather(1, targets[valid, None]).squeeze(1)
+    want_grad = torch.softmax(z64[valid], dim=-1)
+    want_grad[torch.arange(int(valid.sum())), targets[valid]] -= 1
+    want_grad *= 0.25
+    loss, prediction = module.cross_entropy_chunk(logits, targets, 0.25, IGNORE, True)
+    assert_close("loss", loss[valid], want_loss, 1e-5)
+    assert loss[3].item() == 0.0
+    assert_close("gradient", logits[valid], want_grad, 1e-5)  # float32: rounding of exp only
+    assert torch.count_nonzero(logits[3]) == 0
+    assert torch.equal(prediction[valid], z64[valid].argmax(-1))
+
+
+# inf - inf in the NaN row is the point of that row.
+test_cross_entropy_kernel_rows_against_float64 = pytest.mark.filterwarnings(
+    "ignore:invalid value encountered:RuntimeWarning"
+)(test_cross_entropy_kernel_rows_against_float64)
