@@ -243,14 +243,40 @@ def cross_entropy_chunk(
 # Without a chunk_size, a chunk's logits hold about as many elements as one layer's
 # hidden states ([N, D]; Liger-Kernel's fused linear cross-entropy uses the same rule), so
 # the loss never needs much more than the hidden states it reads. The floor keeps the
-# matrix products large enough to run near full speed.
-_MIN_CHUNK_ROWS = 128
+# matrix products large enough to run near full speed: on CUDA, the head-gradient update
+# dhead += dz^T x of a C-row chunk reads and writes the float32 [V, D] gradient once for
+# 2 C V D FLOP, an arithmetic intensity of about C / 4 FLOP/B, against an H100's ~265
+# (796 TFLOP/s over 3 TB/s): 2048 rows make it compute-bound (131 MB of bf16 logits at
+# V = 32000, still flat in the number of layers). Elsewhere 128.
+_MIN_CHUNK_ROWS = {"cuda": 2048}
+_MIN_CHUNK_ROWS_ELSEWHERE = 128
 
 
-def _default_chunk_size(rows: int, dim: int, vocab: int) -> int:
-    """Rows per chunk: the power of two at or below ``rows * dim / vocab``, at least 128."""
+def _default_chunk_size(rows: int, dim: int, vocab: int, device: torch.device) -> int:
+    """Rows per chunk: the power of two at or below ``rows * dim / vocab``, at least 2048 on
+    CUDA and 128 elsewhere."""
     target = max(1, rows * dim // max(vocab, 1))
-    return max(_MIN_CHUNK_ROWS, 1 << (target.bit_length() - 1))
+    return max(_MIN_CHUNK_ROWS.get(device.type, _MIN_CHUNK_ROWS_ELSEWHERE), 1 << (target.bit_length() - 1))
+
+
+def _add_head_gradient(dhead: torch.Tensor, dz: torch.Tensor, x: torch.Tensor) -> None:
+    """``dhead += dz.T @ x``, accumulated in ``dhead``'s dtype (float32 or float64).
+
+    Half-precision ``dz`` and ``x`` on CUDA: one ``addmm`` that accumulates in float32 and
+    writes ``dhead`` in place (``out_dtype``, torch >= 2.8), instead of a half-precision
+    ``[V, D]`` product rounded first and added through a temporary (1.5x the bytes). The
+    CPU has no such kernel (NotImplementedError): there the product is added.
+    """
+    if dz.dtype == dhead.dtype:
+        dhead.addmm_(dz.T, x)
+    elif dhead.is_cuda and _ADDMM_OUT_DTYPE:
+        torch.addmm(dhead, dz.T, x, out_dtype=dhead.dtype, out=dhead)
+    else:
+        dhead.add_(dz.T @ x)
+
+
+# torch.addmm's out_dtype keyword came with torch 2.8.
+_ADDMM_OUT_DTYPE = torch.torch_version.TorchVersion(torch.__version__) >= (2, 8)
 
 
 def _matmul_dtype(hidden: torch.Tensor, head_weight: torch.Tensor) -> torch.dtype:
@@ -295,7 +321,7 @@ def _run_chunks(
     counted = target_rows != ignore_index
     loss_dtype = torch.promote_types(hidden[0].dtype, torch.float32)
     mm_dtype = _matmul_dtype(hidden[0], head_weight)
-    chunk = min(chunk_size or _default_chunk_size(rows, dim, vocab), max(rows, 1))
+    chunk = min(chunk_size or _default_chunk_size(rows, dim, vocab, device), max(rows, 1))
 
     ce_sums = torch.zeros(len(hidden), dtype=loss_dtype, device=device)
     correct = torch.zeros(len(hidden), dtype=torch.int64, device=device)
@@ -333,20 +359,19 @@ def _run_chunks(
                 correct[layer] += ((prediction == t_c) & counted[start : start + chunk]).sum()
                 if grad:  # logits now holds dz = d(w_l * CE_l) / dz
                     if need_head:
-                        if logits.dtype == dhead.dtype:
-                            dhead.addmm_(logits.T, x_mm)
-                        else:  # half-precision product, accumulated in float32
-                            dhead.add_(logits.T @ x_mm)
+                        _add_head_gradient(dhead, logits, x_mm)
                     if need_dx:
                         dx = logits @ w_mm  # [C, D], gradient wrt the normalised hidden state
                         if norm_kernel:
-                            dh_c, dnorm_c = rms_norm_bwd(dx, h_c, norm_weight, rstd)
+                            # The weight's gradient is added into dnorm in float32 by the
+                            # kernel, never rounded to the weight's dtype per chunk.
+                            dh_c, _ = rms_norm_bwd(dx, h_c, norm_weight, rstd, dweight_out=dnorm)
                         else:
                             dh_c, dnorm_c = rms_norm_bwd_reference(dx, h_c, norm_weight, rstd)
+                            if dnorm is not None:
+                                dnorm += dnorm_c
                         if dh_rows is not None:
                             dh_rows[start : start + chunk] = dh_c
-                        if dnorm is not None:
-                            dnorm += dnorm_c
                 del logits  # free the chunk before the next one is allocated
             dhidden.append(None if dh_rows is None else dh_rows.view(h.shape))
 
@@ -548,8 +573,9 @@ def exit_head_loss(
         eps: the RMSNorm's epsilon, ``>= 0``.
         ignore_index: target value left out of the losses and counts.
         chunk_size: tokens per chunk; default: the power of two at or below
-            ``N * D / V`` (at least 128), so a chunk of logits is about the size of one
-            layer's hidden states.
+            ``N * D / V``, so a chunk of logits is about the size of one layer's hidden
+            states, and at least 2048 on CUDA (the head-gradient update is then
+            compute-bound) or 128 elsewhere.
 
     Returns:
         :class:`ExitHeadLoss` ``(loss, layer_losses, correct)``: the scalar loss (float32,
@@ -617,7 +643,7 @@ def exit_head_confidence(
     confidence = torch.empty(rows, dtype=torch.float32, device=hidden.device)
     prediction = torch.empty(rows, dtype=torch.int64, device=hidden.device)
     exit = torch.empty(rows, dtype=torch.bool, device=hidden.device)
-    chunk = chunk_size or _default_chunk_size(rows, dim, vocab)
+    chunk = chunk_size or _default_chunk_size(rows, dim, vocab, hidden.device)
     mm_dtype = _matmul_dtype(hidden, head_weight)
     with torch.autocast(hidden.device.type, enabled=False):
         w_mm = head_weight.to(mm_dtype)

@@ -199,6 +199,38 @@ def test_matches_plain(backend, dtype, vocab, dim) -> None:
     check(result, plain_truth(*inputs, weights), weights, dtype, f"{backend} {dtype}", slack)
 
 
+def test_bf16_with_many_chunks_head_gradient_against_float64(backend) -> None:
+    """bfloat16 at the scale of the question's chunking: 32 chunks of 8 rows in each of 2 layers,
+    the head gradient summed over all of them. Summed in float32 (on CUDA by addmm with
+    out_dtype, elsewhere product then add), its error against float64 must stay that of a
+    few bfloat16 roundings of each chunk's product (the table's 2**-5), not grow with the
+    number of chunks as a bfloat16 accumulator would (~64 x 2**-9 here); the norm weight's
+    gradient is summed in float32 unrounded across chunks too."""
+    weights = [0.6, 0.4]
+    inputs = make_inputs(layers=2, leading=(256,), dim=64, vocab=96, dtype=torch.bfloat16, seed=32)
+    result = run(exit_head_loss, *inputs, weights, chunk_size=8)
+    truth = plain_truth(*inputs, weights)
+    _, grad_tol = TOLERANCES[torch.bfloat16]
+    assert_close("d head_weight", result["head_weight"], truth["head_weight"], grad_tol)
+    assert_close("d norm_weight", result["norm_weight"], truth["norm_weight"], grad_tol)
+    for i in range(2):
+        assert_close(f"d hidden[{i}]", result["hidden"][i], truth["hidden"][i], grad_tol)
+
+
+def test_head_gradient_update_accumulates_in_the_accumulator_dtype() -> None:
+    """On the CPU (no addmm with out_dtype there) a bfloat16 chunk's product is added to the
+    float32 accumulator; a float32 chunk goes through addmm_ in place."""
+    module = importlib.import_module("ease_kernels.exit_head_loss")
+    dz, x = torch.randn(8, 5), torch.randn(8, 3)
+    for dtype in (torch.float32, torch.bfloat16):
+        dhead = torch.ones(5, 3)
+        module._add_head_gradient(dhead, dz.to(dtype), x.to(dtype))
+        want = 1 + dz.to(dtype).double().T @ x.to(dtype).double()
+        assert_close(f"{dtype} update", dhead, want, 1e-6 if dtype == torch.float32 else 2**-7)
+    assert module._default_chunk_size(8192, 2048, 32000, torch.device("cuda")) == 2048
+    assert module._default_chunk_size(8192, 2048, 32000, torch.device("cpu")) == 512
+
+
 def test_triton_loops_over_a_vocabulary_longer_than_one_block(triton_backend, monkeypatch) -> None:
     """V = 4100 > the kernel's 4096 lanes: the online softmax crosses a block boundary.
     The kernel, not the reference, computes every chunk (3 per layer: 8 + 8 + 4 tokens)."""
