@@ -345,7 +345,7 @@ def main(argv=None) -> int:
         "question": "deep-supervision exit-head loss, plain vs fused: peak memory and step time vs supervised layers",
         "settings": settings,
         "default_chunk_rows": importlib.import_module("ease_kernels.exit_head_loss")._default_chunk_size(
-            args.tokens, args.dim, args.vocab
+            args.tokens, args.dim, args.vocab, device
         ),
         "command": "python -m bench.bench_exit_head_loss " + " ".join(argv if argv is not None else sys.argv[1:]),
         "environment": env,

@@ -21,6 +21,11 @@ except ImportError:  # Triton is optional; dispatch.use_triton never picks a ker
         return fn
 
 
+def constant(value: float) -> object:
+    """A module-level number a kernel may read (``tl.constexpr``; the number without Triton)."""
+    return value if tl is None else tl.constexpr(value)
+
+
 # The largest block one program holds in registers. Triton refuses tensors above 2**20
 # elements, but long before that a block spills registers: 2**16 float32 is 256 KiB, the
 # whole register file of an SM. Kernels that can loop over a row should ask for less.
@@ -77,15 +82,30 @@ def row_block(n_cols: int, *, max_block: int = HARD_MAX_BLOCK, can_loop: bool = 
     return block, num_warps
 
 
-def persistent_programs(n_rows: int, device: torch.device) -> int:
+# Registers of one streaming multiprocessor (sm_70 to sm_90 and sm_100: 64K 32-bit).
+REGISTERS_PER_SM = 65536
+
+
+def resident_registers(programs_per_sm: int, num_warps: int) -> int:
+    """The most registers a thread may use for ``programs_per_sm`` programs of ``num_warps``
+    warps to be resident on one SM together (``maxnreg``; at most 255, the ISA's limit).
+
+    A persistent grid sized for ``programs_per_sm`` programs per SM runs in one wave only
+    if they all fit; one register over, and half of them wait for the other half.
+    """
+    return min(255, REGISTERS_PER_SM // (programs_per_sm * num_warps * 32))
+
+
+def persistent_programs(n_rows: int, device: torch.device, programs_per_sm: int = PROGRAMS_PER_SM) -> int:
     """How many programs a persistent kernel (each looping over several rows) launches.
 
-    A few per streaming multiprocessor on CUDA, a small constant elsewhere, never more than
-    ``n_rows`` and at least 1. Kernels that keep one partial result per program (a
-    per-column sum, reduced afterwards) thereby keep that buffer small and deterministic.
+    ``programs_per_sm`` per streaming multiprocessor on CUDA, a small constant elsewhere,
+    never more than ``n_rows`` and at least 1. Kernels that keep one partial result per
+    program (a per-column sum, reduced afterwards) thereby keep that buffer small and
+    deterministic.
     """
     if device.type == "cuda":
-        programs = PROGRAMS_PER_SM * _sm_count(device)
+        programs = programs_per_sm * _sm_count(device)
     else:
         programs = PROGRAMS_WITHOUT_CUDA
     return max(1, min(n_rows, programs))

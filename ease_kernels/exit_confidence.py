@@ -13,9 +13,9 @@ from typing import NamedTuple
 import torch
 
 from ease_kernels._launch import jit, row_block, tl
+from ease_kernels._online_softmax import VOCAB_BLOCK, online_softmax_row
 from ease_kernels._validation import check_float, check_threshold
-from ease_kernels.dispatch import use_triton
-
+from ease_kernels.dispatch import launch, use_triton
 
 
 class ExitDecision(NamedTuple):
@@ -54,58 +54,11 @@ def exit_confidence_reference(logits: torch.Tensor, threshold: float | None = No
 # ---------------------------------------------------------------------------------------
 # Kernel
 # ---------------------------------------------------------------------------------------
-# With M = max_j z_j, the top-1 softmax probability is
-#
-#     confidence = exp(M - M) / sum_j exp(z_j - M) = 1 / sum_j exp(z_j - M).
-#
-# One pass, online: lane l of the block sees z_l, z_{l+BLOCK_V}, ... and keeps its running
-# max m_l and running sum s_l = sum exp(z - m_l), rescaled whenever m_l grows:
-#
-#     m_l' = max(m_l, z),   s_l' = s_l * exp(m_l - m_l') + exp(z - m_l'),
-#
-# and the index a_l of the first z that reached m_l (strict `>`, so later ties never move
-# it). At the end the lanes are combined: M = max_l m_l, sum = sum_l s_l * exp(m_l - M),
-# prediction = min { a_l : m_l = M }, the first index of the maximum, as torch.max gives.
-#
-# -inf logits: a lane that has seen only -inf keeps m_l = -inf and s_l = 0; exponents are
-# taken against a finite stand-in for -inf so no inf - inf (NaN) is ever formed. A row of
-# only -inf has no softmax: it gets confidence NaN (as the reference does), prediction 0
-# and exit False. +inf or NaN logits give confidence NaN (exit False); their prediction
-# is unspecified.
-#
-# One program owns one row. Grid: (rows,).
-@jit
-def _online_softmax_row(
-    Row,  # pointer to one row of logits, unit stride; fp16, bf16 or fp32
-    vocab,  # V, the row length
-    BLOCK_V: tl.constexpr,  # lanes per block (power of two); the loop covers all of V
-):
-    """One pass over a row: ``(M, sum exp(z - M), first argmax)``, M the row's maximum.
-
-    ``M`` is returned as its finite stand-in (0 for a row of only -inf), so that
-    ``M + log(sum)`` is the log-sum-exp; shared by every kernel that needs a softmax's
-    normaliser and argmax without a second read of the row.
-    """
-    lanes = tl.arange(0, BLOCK_V)
-    m = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK_V], dtype=tl.float32)
-    a = lanes
-    for start in range(0, vocab, BLOCK_V):
-        offs = start + lanes
-        z = tl.load(Row + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
-        a = tl.where(z > m, offs, a)
-        m_new = tl.maximum(m, z)
-        # While m_new is -inf, s stays 0: exp(-inf - 0) = 0 for both terms.
-        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
-        s = s * tl.exp(m - m_ref) + tl.exp(z - m_ref)
-        m = m_new
-    m_max = tl.max(m, axis=0)
-    m_max_ref = tl.where(m_max > float("-inf"), m_max, 0.0)
-    total = tl.sum(s * tl.exp(m - m_max_ref), axis=0)
-    prediction = tl.min(tl.where(m == m_max, a, vocab), axis=0)
-    return m_max_ref, total, prediction
-
-
+# confidence = 1 / sum_j exp(z_j - M), M = max_j z_j, from one online-softmax pass over the
+# row (ease_kernels/_online_softmax.py, shared with the cross-entropy kernel). A row of only
+# -inf has no softmax: it gets confidence NaN (as the reference does), prediction 0 and exit
+# False. +inf or NaN logits give confidence NaN (exit False); their prediction is
+# unspecified. One program owns one row. Grid: (rows,).
 @jit
 def _exit_confidence_fwd_kernel(
     Logits,  # [rows, vocab] rows at stride_row, vocab contiguous; fp16, bf16 or fp32
@@ -119,7 +72,7 @@ def _exit_confidence_fwd_kernel(
 ):
     # int64 so that row * stride_row cannot overflow for large batches of large vocabularies.
     row = tl.program_id(0).to(tl.int64)
-    _, total, prediction = _online_softmax_row(Logits + row * stride_row, vocab, BLOCK_V)
+    _, total, prediction = online_softmax_row(Logits + row * stride_row, vocab, BLOCK_V)
     # total >= 1 whenever the row has a finite maximum; 0 means all -inf: NaN, not 1/0.
     confidence = 1.0 / tl.where(total > 0.0, total, float("nan"))
     tl.store(Confidence + row, confidence)
@@ -130,12 +83,6 @@ def _exit_confidence_fwd_kernel(
 # ---------------------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------------------
-# Lanes per block of the vocabulary loop. 4096 float32 lanes of (m, s, a) stay in the
-# registers of 8 warps; a longer row loops. Larger blocks would spill on the GPU. The fused
-# exit-head loss (exit_head_loss.py) walks its rows with the same block.
-_VOCAB_BLOCK = 4096
-
-
 def _exit_confidence_launch(
     logits: torch.Tensor, threshold: float | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -154,7 +101,7 @@ def _exit_confidence_launch(
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     rows = logits.reshape(-1, vocab)
-    block_v, num_warps = row_block(vocab, max_block=_VOCAB_BLOCK, can_loop=True)
+    block_v, num_warps = row_block(vocab, max_block=VOCAB_BLOCK, can_loop=True)
     _exit_confidence_fwd_kernel[(rows.shape[0],)](
         rows, confidence, prediction, exit,
         rows.stride(0), vocab, math.inf if threshold is None else threshold,
@@ -182,14 +129,6 @@ def _(logits, threshold):
         logits.new_empty(leading, dtype=torch.int64),
         logits.new_empty(leading, dtype=torch.bool),
     )
-
-
-def _exit_confidence_triton(logits: torch.Tensor, threshold: float | None) -> ExitDecision:
-    # Eager calls skip the custom op's dispatch (about 20 µs of Python a call, as much as
-    # a decode step's kernel); torch.compile needs the op.
-    op = torch.ops.ease.exit_confidence if torch.compiler.is_compiling() else _exit_confidence_launch
-    confidence, prediction, exit = op(logits, threshold)
-    return ExitDecision(confidence, prediction, None if threshold is None else exit)
 
 
 # ---------------------------------------------------------------------------------------
@@ -220,5 +159,8 @@ def exit_confidence(logits: torch.Tensor, threshold: float | None = None) -> Exi
         raise ValueError(f"logits must be [..., vocab] with vocab >= 1, got {tuple(logits.shape)}")
     logits = logits.detach()  # a decision, not a loss (cheaper than a no_grad context per call)
     if use_triton(logits):
-        return _exit_confidence_triton(logits, threshold)
+        confidence, prediction, exit = launch(
+            _exit_confidence_launch, torch.ops.ease.exit_confidence, logits, threshold
+        )
+        return ExitDecision(confidence, prediction, None if threshold is None else exit)
     return exit_confidence_reference(logits, threshold)

@@ -14,11 +14,12 @@ norm weight and the head weight; the chunk is freed. The forward pass therefore 
 every gradient and the backward pass only scales them by the incoming gradient. Peak
 memory: one chunk of logits, whatever the number of layers.
 
-Reads top to bottom: the reference (the definition; it walks the chunks the same way in
-plain PyTorch, so the memory saving holds on the CPU too), the Triton kernel and its
-launcher, the chunked driver both paths share, the autograd function, and the public
-functions: :func:`exit_head_loss` for training and :func:`exit_head_confidence`, the same
-fusion for the inference-time confidence check.
+Reads top to bottom: the reference (the definition, plain PyTorch, every layer's logits
+at once), the Triton kernel and its launcher, the chunked driver (it walks the chunks on
+the kernels or, chunk by chunk, on plain PyTorch, so the memory saving holds on the CPU
+too), the autograd function, and the public functions: :func:`exit_head_loss` for
+training and :func:`exit_head_confidence`, the same fusion for the inference-time
+confidence check.
 """
 
 from __future__ import annotations
@@ -28,13 +29,22 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ease_kernels._launch import jit, row_block, tl
+from ease_kernels._online_softmax import LOG2E, VOCAB_BLOCK, online_softmax_row
 from ease_kernels._validation import check_eps, check_float, check_tensor, check_threshold, is_real
 from ease_kernels.dispatch import use_triton
-from ease_kernels.exit_confidence import _VOCAB_BLOCK, ExitDecision, _online_softmax_row, exit_confidence
-from ease_kernels.rms_norm import rms_norm, rms_norm_bwd, rms_norm_fwd
+from ease_kernels.exit_confidence import ExitDecision, exit_confidence
+from ease_kernels.rms_norm import (
+    rms_norm,
+    rms_norm_bwd,
+    rms_norm_bwd_reference,
+    rms_norm_fwd,
+    rms_norm_fwd_reference,
+    rms_norm_reference,
+)
 
 IGNORE_INDEX = -100
 """Default target value left out of the loss (PyTorch's ``cross_entropy`` default)."""
@@ -71,50 +81,35 @@ def exit_head_loss_reference(
     *,
     chunk_size: int | None = None,
 ) -> ExitHeadLoss:
-    """The definition of :func:`exit_head_loss`, computed in plain PyTorch chunk by chunk.
+    """The definition of :func:`exit_head_loss`, plainly: every layer's logits at once.
 
-    With ``h_l`` the ``[N, D]`` hidden states of layer ``l``, ``t`` the ``[N]`` targets and
+    With ``h_l`` the hidden states of layer ``l``, ``t`` the targets and
     ``n = max(1, #{i : t_i != ignore_index})``::
 
-        z_l  = rms_norm(h_l, norm_weight, eps) @ head_weight.T          # [N, V], never whole
+        z_l  = rms_norm(h_l, norm_weight, eps) @ head_weight.T
         CE_l = sum_{i : t_i != ignore_index} (logsumexp(z_l[i]) - z_l[i, t_i]) / n
         loss = sum_{l : w_l > 0} w_l * CE_l
 
-    The RMSNorm is :func:`~ease_kernels.rms_norm_reference`'s (statistics in at least
-    float32, output in ``h``'s dtype); the product runs in ``h``'s dtype promoted with
-    ``head_weight``'s, or in the autocast dtype when autocast is on for the device, as
-    ``F.linear`` would; the softmax and the row losses in float32 (float64 for float64
-    logits). Arguments, returns and errors: :func:`exit_head_loss`, whose reference path
-    this is, whichever backend is set.
+    The RMSNorm is :func:`~ease_kernels.rms_norm_reference`; the product is ``F.linear``'s
+    (the promoted dtype, or autocast's); the cross-entropy runs in float32 (float64 for
+    float64 logits). Arguments are those of :func:`exit_head_loss` and are not checked
+    here; ``chunk_size`` is accepted for the same signature and ignored. It holds ``L``
+    ``[N, V]`` logits (and their gradients): the memory :func:`exit_head_loss` saves.
     """
-    return _exit_head_loss(
-        hidden_states, norm_weight, head_weight, targets, layer_weights, eps, ignore_index, chunk_size,
-        kernels=False,
-    )  # fmt: skip
-
-
-def _rms_norm_chunk_fwd_reference(
-    h: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, rstd)``: y as :func:`rms_norm_reference`, ``rstd`` ``[rows, 1]`` in float32+."""
-    compute_dtype = torch.promote_types(h.dtype, torch.float32)
-    h32 = h.to(compute_dtype)
-    rstd = torch.rsqrt(h32.square().mean(-1, keepdim=True) + eps)
-    return (h32 * rstd * weight.to(compute_dtype)).to(h.dtype), rstd
-
-
-def _rms_norm_chunk_bwd_reference(
-    dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dh, dweight)`` of the RMSNorm (the math is written above the RMSNorm kernels):
-    ``dh = rstd * (dy * w - xhat * mean(dy * w * xhat))``, ``dweight = sum_rows dy * xhat``;
-    ``dh`` in ``h``'s dtype, ``dweight`` in float32+."""
-    compute_dtype = rstd.dtype
-    xhat = h.to(compute_dtype) * rstd
-    dy = dy.to(compute_dtype)
-    dy_w = dy * weight.to(compute_dtype)
-    c = (dy_w * xhat).mean(-1, keepdim=True)
-    return (rstd * (dy_w - xhat * c)).to(h.dtype), (dy * xhat).sum(0)
+    flat_targets = targets.reshape(-1)
+    tokens = (flat_targets != ignore_index).sum().clamp_min(1)
+    loss, layer_losses, correct = 0.0, [], []
+    for h, weight in zip(hidden_states, layer_weights):
+        z = F.linear(rms_norm_reference(h, norm_weight, eps), head_weight).flatten(0, -2)
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
+        ce = F.cross_entropy(z, flat_targets, ignore_index=ignore_index, reduction="sum") / tokens
+        layer_losses.append(ce.detach())
+        correct.append(((z.argmax(-1) == flat_targets) & (flat_targets != ignore_index)).sum())
+        if weight > 0:
+            loss = loss + weight * ce
+    layer_losses = torch.stack(layer_losses)
+    loss = loss if isinstance(loss, torch.Tensor) else torch.zeros((), dtype=layer_losses.dtype, device=z.device)
+    return ExitHeadLoss(loss, layer_losses, torch.stack(correct))
 
 
 def _cross_entropy_chunk_reference(
@@ -164,29 +159,43 @@ def _cross_entropy_fwd_bwd_fused(
 ):
     """One program owns one row. Grid: ``(rows,)``.
 
-    The log-sum-exp and argmax come from one pass of the exit-confidence kernel's online
-    softmax (``_online_softmax_row``); a second pass writes the gradient over the logits.
+    The log-sum-exp and argmax come from one online-softmax pass
+    (``_online_softmax.online_softmax_row``, shared with the exit-confidence kernel); a
+    second pass writes the gradient over the logits.
     """
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride_row can pass 2 ** 31
     Logits += row * stride_row
     target = tl.load(Targets + row)
     valid = target != ignore_index
-    m_max_ref, total, prediction = _online_softmax_row(Logits, vocab, BLOCK_V)
-    lse = m_max_ref + tl.log(total)
+    m_max, total, prediction = online_softmax_row(Logits, vocab, BLOCK_V)
+    lse = m_max + tl.log(total)
     # Read before the gradient sweep overwrites it; an ignored row reads z_0, unused.
     z_target = tl.load(Logits + tl.where(valid, target, 0)).to(tl.float32)
     tl.store(Loss + row, tl.where(valid, lse - z_target, 0.0))
     tl.store(Prediction + row, prediction.to(tl.int64))
     if COMPUTE_GRAD:
         lanes = tl.arange(0, BLOCK_V)
-        for start in range(0, vocab, BLOCK_V):
-            offs = start + lanes
-            mask = offs < vocab
-            z = tl.load(Logits + offs, mask=mask, other=0.0).to(tl.float32)
-            dz = scale * (tl.exp(z - lse) - tl.where(offs == target, 1.0, 0.0))
-            # where, not a multiplication by 0: an ignored row may hold inf or NaN logits.
-            dz = tl.where(valid, dz, 0.0)
-            tl.store(Logits + offs, dz.to(Logits.dtype.element_ty), mask=mask)
+        if valid:
+            # dz = s * softmax everywhere, then the one-hot term at the target alone: no
+            # per-element comparison with the target. exp(z - lse) = exp2(z * LOG2E - lse2),
+            # one FFMA and one MUFU.EX2.
+            lse2 = lse * LOG2E
+            for start in range(0, vocab, BLOCK_V):
+                offs = start + lanes
+                mask = offs < vocab
+                z = tl.load(Logits + offs, mask=mask, other=0.0).to(tl.float32)
+                dz = scale * tl.math.exp2(z * LOG2E - lse2)
+                tl.store(Logits + offs, dz.to(Logits.dtype.element_ty), mask=mask)
+            # Another thread of this program stored dz_t above; after the barrier that store
+            # is visible, so this one lands last.
+            tl.debug_barrier()
+            dz_target = scale * (tl.math.exp2(z_target * LOG2E - lse2) - 1.0)
+            tl.store(Logits + target, dz_target.to(Logits.dtype.element_ty))
+        else:
+            # An ignored row gets zeros, whatever it holds (inf or NaN included).
+            for start in range(0, vocab, BLOCK_V):
+                offs = start + lanes
+                tl.store(Logits + offs, tl.zeros([BLOCK_V], dtype=Logits.dtype.element_ty), mask=offs < vocab)
 
 
 # ---------------------------------------------------------------------------------------
@@ -219,7 +228,7 @@ def cross_entropy_chunk(
         return loss, prediction
     if logits.stride(1) != 1:
         raise ValueError(f"logits must have unit column stride, got strides {logits.stride()}")
-    block_v, num_warps = row_block(vocab, max_block=_VOCAB_BLOCK, can_loop=True)
+    block_v, num_warps = row_block(vocab, max_block=VOCAB_BLOCK, can_loop=True)
     _cross_entropy_fwd_bwd_fused[(rows,)](
         logits, targets.contiguous(), loss, prediction,
         logits.stride(0), vocab, ignore_index, float(scale),
@@ -229,19 +238,45 @@ def cross_entropy_chunk(
 
 
 # ---------------------------------------------------------------------------------------
-# The chunked driver, shared by the reference and the kernel paths
+# The chunked driver: each chunk on the kernels or on plain PyTorch, as use_triton says
 # ---------------------------------------------------------------------------------------
 # Without a chunk_size, a chunk's logits hold about as many elements as one layer's
 # hidden states ([N, D]; Liger-Kernel's fused linear cross-entropy uses the same rule), so
 # the loss never needs much more than the hidden states it reads. The floor keeps the
-# matrix products large enough to run near full speed.
-_MIN_CHUNK_ROWS = 128
+# matrix products large enough to run near full speed: on CUDA, the head-gradient update
+# dhead += dz^T x of a C-row chunk reads and writes the float32 [V, D] gradient once for
+# 2 C V D FLOP, an arithmetic intensity of about C / 4 FLOP/B, against an H100's ~265
+# (796 TFLOP/s over 3 TB/s): 2048 rows make it compute-bound (131 MB of bf16 logits at
+# V = 32000, still flat in the number of layers). Elsewhere 128.
+_MIN_CHUNK_ROWS = {"cuda": 2048}
+_MIN_CHUNK_ROWS_ELSEWHERE = 128
 
 
-def _default_chunk_size(rows: int, dim: int, vocab: int) -> int:
-    """Rows per chunk: the power of two at or below ``rows * dim / vocab``, at least 128."""
+def _default_chunk_size(rows: int, dim: int, vocab: int, device: torch.device) -> int:
+    """Rows per chunk: the power of two at or below ``rows * dim / vocab``, at least 2048 on
+    CUDA and 128 elsewhere."""
     target = max(1, rows * dim // max(vocab, 1))
-    return max(_MIN_CHUNK_ROWS, 1 << (target.bit_length() - 1))
+    return max(_MIN_CHUNK_ROWS.get(device.type, _MIN_CHUNK_ROWS_ELSEWHERE), 1 << (target.bit_length() - 1))
+
+
+def _add_head_gradient(dhead: torch.Tensor, dz: torch.Tensor, x: torch.Tensor) -> None:
+    """``dhead += dz.T @ x``, accumulated in ``dhead``'s dtype (float32 or float64).
+
+    Half-precision ``dz`` and ``x`` on CUDA: one ``addmm`` that accumulates in float32 and
+    writes ``dhead`` in place (``out_dtype``, torch >= 2.8), instead of a half-precision
+    ``[V, D]`` product rounded first and added through a temporary (1.5x the bytes). The
+    CPU has no such kernel (NotImplementedError): there the product is added.
+    """
+    if dz.dtype == dhead.dtype:
+        dhead.addmm_(dz.T, x)
+    elif dhead.is_cuda and _ADDMM_OUT_DTYPE:
+        torch.addmm(dhead, dz.T, x, out_dtype=dhead.dtype, out=dhead)
+    else:
+        dhead.add_(dz.T @ x)
+
+
+# torch.addmm's out_dtype keyword came with torch 2.8.
+_ADDMM_OUT_DTYPE = torch.torch_version.TorchVersion(torch.__version__) >= (2, 8)
 
 
 def _matmul_dtype(hidden: torch.Tensor, head_weight: torch.Tensor) -> torch.dtype:
@@ -271,12 +306,11 @@ def _run_chunks(
     need_hidden: Sequence[bool],
     need_norm: bool,
     need_head: bool,
-    kernels: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, _Gradients]:
     """Loss, per-layer losses, correct counts and every requested gradient, chunk by chunk.
 
-    ``kernels`` allows the Triton kernels; each chunk then asks :func:`use_triton` of its
-    own input (the hidden chunk for the RMSNorm, the logits for the cross-entropy).
+    Each chunk asks :func:`use_triton` of its own input (the hidden chunk for the RMSNorm,
+    the logits for the cross-entropy) whether to run the kernel or plain PyTorch.
     ``tokens`` is ``max(1, non-ignored targets)``. Gradients are those of ``loss`` itself
     (grad_output 1); a layer of weight 0 gets none.
     """
@@ -287,7 +321,7 @@ def _run_chunks(
     counted = target_rows != ignore_index
     loss_dtype = torch.promote_types(hidden[0].dtype, torch.float32)
     mm_dtype = _matmul_dtype(hidden[0], head_weight)
-    chunk = min(chunk_size or _default_chunk_size(rows, dim, vocab), max(rows, 1))
+    chunk = min(chunk_size or _default_chunk_size(rows, dim, vocab, device), max(rows, 1))
 
     ce_sums = torch.zeros(len(hidden), dtype=loss_dtype, device=device)
     correct = torch.zeros(len(hidden), dtype=torch.int64, device=device)
@@ -310,14 +344,14 @@ def _run_chunks(
             for start in range(0, rows, chunk):
                 h_c = h_rows[start : start + chunk]  # [C, D]
                 t_c = target_rows[start : start + chunk]
-                norm_kernel = kernels and use_triton(h_c)
+                norm_kernel = use_triton(h_c)
                 if norm_kernel:
                     x_c, _, rstd = rms_norm_fwd(h_c, norm_weight, eps)
                 else:
-                    x_c, rstd = _rms_norm_chunk_fwd_reference(h_c, norm_weight, eps)
+                    x_c, rstd = rms_norm_fwd_reference(h_c, norm_weight, eps)
                 x_mm = x_c.to(mm_dtype)
                 logits = x_mm @ w_mm.T  # [C, V]: the only vocabulary-sized tensor alive
-                if kernels and use_triton(logits):
+                if use_triton(logits):
                     loss_c, prediction = cross_entropy_chunk(logits, t_c, scale, ignore_index, grad)
                 else:
                     loss_c, prediction = _cross_entropy_chunk_reference(logits, t_c, scale, ignore_index, grad)
@@ -325,20 +359,19 @@ def _run_chunks(
                 correct[layer] += ((prediction == t_c) & counted[start : start + chunk]).sum()
                 if grad:  # logits now holds dz = d(w_l * CE_l) / dz
                     if need_head:
-                        if logits.dtype == dhead.dtype:
-                            dhead.addmm_(logits.T, x_mm)
-                        else:  # half-precision product, accumulated in float32
-                            dhead.add_(logits.T @ x_mm)
+                        _add_head_gradient(dhead, logits, x_mm)
                     if need_dx:
                         dx = logits @ w_mm  # [C, D], gradient wrt the normalised hidden state
                         if norm_kernel:
-                            dh_c, dnorm_c = rms_norm_bwd(dx, h_c, norm_weight, rstd)
+                            # The weight's gradient is added into dnorm in float32 by the
+                            # kernel, never rounded to the weight's dtype per chunk.
+                            dh_c, _ = rms_norm_bwd(dx, h_c, norm_weight, rstd, dweight_out=dnorm)
                         else:
-                            dh_c, dnorm_c = _rms_norm_chunk_bwd_reference(dx, h_c, norm_weight, rstd)
+                            dh_c, dnorm_c = rms_norm_bwd_reference(dx, h_c, norm_weight, rstd)
+                            if dnorm is not None:
+                                dnorm += dnorm_c
                         if dh_rows is not None:
                             dh_rows[start : start + chunk] = dh_c
-                        if dnorm is not None:
-                            dnorm += dnorm_c
                 del logits  # free the chunk before the next one is allocated
             dhidden.append(None if dh_rows is None else dh_rows.view(h.shape))
 
@@ -429,7 +462,7 @@ def _check_chunk_size(chunk_size: object) -> int | None:
 
 
 def _exit_head_loss(
-    hidden_states, norm_weight, head_weight, targets, layer_weights, eps, ignore_index, chunk_size, kernels: bool
+    hidden_states, norm_weight, head_weight, targets, layer_weights, eps, ignore_index, chunk_size
 ) -> ExitHeadLoss:
     """Validate, count the tokens, and run the chunks (through autograd when a gradient is wanted)."""
     vocab, dim = _check_head(norm_weight, head_weight, eps)
@@ -487,7 +520,7 @@ def _exit_head_loss(
     def run(hidden, norm_weight, head_weight, need_hidden, need_norm, need_head):
         return _run_chunks(
             hidden, norm_weight, head_weight, targets, weights, float(eps), ignore_index, chunk_size, tokens,
-            need_hidden, need_norm, need_head, kernels,
+            need_hidden, need_norm, need_head,
         )  # fmt: skip
 
     tensors = [norm_weight, head_weight, *hidden]
@@ -521,8 +554,8 @@ def exit_head_loss(
     grad mode is on) and only scaled in the backward pass; that backward can run once.
 
     The Triton kernels run where :func:`~ease_kernels.use_triton` says so (per chunk, on the
-    hidden chunk for the RMSNorm and on the logits for the cross-entropy); otherwise the
-    reference walks the same chunks in plain PyTorch, so the memory saving holds on the CPU.
+    hidden chunk for the RMSNorm and on the logits for the cross-entropy); otherwise plain
+    PyTorch walks the same chunks, so the memory saving holds on the CPU.
 
     Args:
         hidden_states: a list or tuple of ``L`` tensors, one per supervised layer, each
@@ -540,8 +573,9 @@ def exit_head_loss(
         eps: the RMSNorm's epsilon, ``>= 0``.
         ignore_index: target value left out of the losses and counts.
         chunk_size: tokens per chunk; default: the power of two at or below
-            ``N * D / V`` (at least 128), so a chunk of logits is about the size of one
-            layer's hidden states.
+            ``N * D / V``, so a chunk of logits is about the size of one layer's hidden
+            states, and at least 2048 on CUDA (the head-gradient update is then
+            compute-bound) or 128 elsewhere.
 
     Returns:
         :class:`ExitHeadLoss` ``(loss, layer_losses, correct)``: the scalar loss (float32,
@@ -560,9 +594,8 @@ def exit_head_loss(
             or non-finite; ``eps < 0``; ``chunk_size < 1``; tensors on different devices.
     """
     return _exit_head_loss(
-        hidden_states, norm_weight, head_weight, targets, layer_weights, eps, ignore_index, chunk_size,
-        kernels=True,
-    )  # fmt: skip
+        hidden_states, norm_weight, head_weight, targets, layer_weights, eps, ignore_index, chunk_size
+    )
 
 
 @torch.no_grad()
@@ -610,7 +643,7 @@ def exit_head_confidence(
     confidence = torch.empty(rows, dtype=torch.float32, device=hidden.device)
     prediction = torch.empty(rows, dtype=torch.int64, device=hidden.device)
     exit = torch.empty(rows, dtype=torch.bool, device=hidden.device)
-    chunk = chunk_size or _default_chunk_size(rows, dim, vocab)
+    chunk = chunk_size or _default_chunk_size(rows, dim, vocab, hidden.device)
     mm_dtype = _matmul_dtype(hidden, head_weight)
     with torch.autocast(hidden.device.type, enabled=False):
         w_mm = head_weight.to(mm_dtype)

@@ -1,8 +1,8 @@
 """RMSNorm, optionally fused with the pre-norm residual add.
 
-Reads top to bottom: the reference op (the definition), the Triton kernels, their
-launchers, the ``torch.library`` registration (for ``torch.compile``), the eager
-autograd function, and the public function.
+Reads top to bottom: the reference op (the definition) and the plain forward and
+backward it implies, the Triton kernels, their launchers, the registration (custom ops
+for ``torch.compile`` and the one autograd function), and the public function.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from ease_kernels._launch import jit, persistent_programs, row_block, tl
+from ease_kernels._launch import PROGRAMS_PER_SM, jit, persistent_programs, resident_registers, row_block, tl
 from ease_kernels._validation import check_eps, check_float
-from ease_kernels.dispatch import use_triton
+from ease_kernels.dispatch import launch, use_triton
 
 
 # ---------------------------------------------------------------------------------------
@@ -36,6 +36,38 @@ def rms_norm_reference(
     y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.to(compute_dtype)
     y = y.to(x.dtype)
     return y if residual is None else (y, x)
+
+
+def rms_norm_fwd_reference(
+    x: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward of :func:`rms_norm_reference` in plain PyTorch, keeping what the backward needs.
+
+    Returns ``(y, rstd)``: ``y`` as :func:`rms_norm_reference` gives it, ``rstd`` of shape
+    ``x.shape[:-1] + (1,)`` in float32 (float64 for float64 ``x``).
+    """
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)
+    x32 = x.to(compute_dtype)
+    rstd = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)
+    return (x32 * rstd * weight.to(compute_dtype)).to(x.dtype), rstd
+
+
+def rms_norm_bwd_reference(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward of :func:`rms_norm_fwd_reference` (the math is written above the kernels).
+
+    ``dx = rstd * (dy * w - xhat * mean(dy * w * xhat))`` in ``x``'s dtype and
+    ``dweight = sum over rows of dy * xhat`` in ``rstd``'s dtype (float32 or float64, not
+    rounded to the weight's: callers that sum it over chunks round once at the end).
+    ``x`` and ``dy`` are ``[rows, n]``, ``rstd`` ``[rows, 1]``.
+    """
+    compute_dtype = rstd.dtype
+    xhat = x.to(compute_dtype) * rstd
+    dy = dy.to(compute_dtype)
+    dy_w = dy * weight.to(compute_dtype)
+    c = (dy_w * xhat).mean(-1, keepdim=True)
+    return (rstd * (dy_w - xhat * c)).to(x.dtype), (dy * xhat).sum(0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -161,8 +193,8 @@ def _rms_norm_bwd_dx_fused(
     LOOP: tl.constexpr,  # n_cols > BLOCK: walk each row in chunks, in two passes
 ):
     """Program ``p`` owns rows ``[p * rows_per_program, (p + 1) * rows_per_program)`` and
-    row ``p`` of ``DW_partial``, which the launcher sums over programs: a deterministic
-    reduction, without atomics. Grid: ``(n_programs,)``."""
+    row ``p`` of ``DW_partial``, which ``_rms_norm_bwd_dw`` sums over programs: a
+    deterministic reduction, without atomics. Grid: ``(n_programs,)``."""
     program = tl.program_id(0).to(tl.int64)
     row_start = program * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
@@ -194,7 +226,9 @@ def _rms_norm_bwd_dx_fused(
         mask = cols < n_cols
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         dw = tl.zeros([BLOCK], dtype=tl.float32)
-        for row in range(row_start, row_end):
+        # Two stages: the loads of the next row are issued (asynchronous copies into shared
+        # memory) while this row is reduced, so a program never waits for DRAM between rows.
+        for row in tl.range(row_start, row_end, num_stages=2):
             rstd = tl.load(Rstd + row)
             x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
@@ -209,12 +243,48 @@ def _rms_norm_bwd_dx_fused(
         tl.store(DW_partial + cols, dw, mask=mask)
 
 
+@jit
+def _rms_norm_bwd_dw(
+    DW_partial,  # [n_programs, n_cols] float32, one row per program of the dx kernel
+    DW,  # output [n_cols]: the weight's dtype, or a float32 sum that is added to (ACCUMULATE)
+    n_programs,  # rows of DW_partial
+    n_cols,  # hidden size n
+    ACCUMULATE: tl.constexpr,  # DW += sum instead of DW = sum
+    BLOCK_P: tl.constexpr,  # rows of DW_partial per step
+    BLOCK_N: tl.constexpr,  # columns per program
+):
+    """``dw = sum over programs of DW_partial``, in float32, rounded once on the store: the
+    sum and the cast in one launch. Program ``j`` owns columns ``[j * BLOCK_N, (j + 1) *
+    BLOCK_N)`` and walks every row, always in the same order. Grid: ``(cdiv(n, BLOCK_N),)``."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for start in range(0, n_programs, BLOCK_P):
+        rows = start + tl.arange(0, BLOCK_P)
+        mask = (rows < n_programs)[:, None] & col_mask[None, :]
+        acc += tl.load(DW_partial + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+    dw = tl.sum(acc, axis=0)
+    if ACCUMULATE:
+        dw += tl.load(DW + cols, mask=col_mask, other=0.0)
+    tl.store(DW + cols, dw.to(DW.dtype.element_ty), mask=col_mask)
+
+
 # ---------------------------------------------------------------------------------------
 # Launchers: plain functions on tensors, usable (and tested) without autograd.
 # ---------------------------------------------------------------------------------------
 # Rows up to this many elements are held in registers whole (Llama hidden sizes up to
 # 8192); longer rows are walked in chunks of this size, reading each input twice.
 MAX_BLOCK = 8192
+
+# The backward's persistent grid holds PROGRAMS_PER_SM (2) programs per SM up to 8 warps
+# (hidden <= 4096) and 1 beyond, and caps the registers (maxnreg) so that they are
+# resident together: 65536 / (2 x 256 threads) = 128 at 8 warps. One register over and
+# half the grid waits for the other half, two waves for the time of one. The kernel
+# needs ~120 at hidden 4096 (bench/kernel_report.py, Triton 3.9, no spills); at hidden
+# 8192 (16 warps, the same 16 elements a thread) two programs would need <= 64 registers
+# and spill, so one program per SM runs instead.
+def _bwd_programs_per_sm(num_warps: int) -> int:
+    return PROGRAMS_PER_SM if num_warps <= 8 else 1
 
 
 def _as_rows(tensor: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
@@ -275,8 +345,10 @@ def rms_norm_bwd(
     ds: torch.Tensor | None = None,
     *,
     max_block: int = MAX_BLOCK,
+    dweight_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the backward kernel.
+    """Run the backward kernels: ``dx`` and per-program partial sums of ``dweight``, then
+    their sum.
 
     Args:
         dy: gradient wrt ``y``, ``x``'s shape.
@@ -285,23 +357,36 @@ def rms_norm_bwd(
         rstd: float32 ``x.shape[:-1]`` from :func:`rms_norm_fwd`.
         ds: optional gradient wrt ``s``, added to ``dx``.
         max_block: the largest block; rows longer than it are walked in chunks.
+        dweight_out: optional float32 ``[n]`` that the weight's gradient is added to,
+            unrounded, instead of being returned in a new tensor of ``weight``'s dtype (for
+            callers that sum it over chunks, such as the fused exit-head loss).
 
     Returns:
         ``(dx, dweight)``: ``dx`` contiguous in ``x``'s shape and dtype (the gradient wrt
-        both ``x`` and ``residual`` when there was one), ``dweight`` in ``weight``'s dtype,
-        summed in float32 over the rows.
+        both ``x`` and ``residual`` when there was one); ``dweight`` summed in float32 over
+        the rows and rounded once to ``weight``'s dtype, or ``dweight_out`` itself.
     """
     n_cols = x.shape[-1]
     n_rows = math.prod(x.shape[:-1])
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
-    if dx.numel() == 0:
-        return dx.view(x.shape), torch.zeros(n_cols, dtype=weight.dtype, device=weight.device)
+    if dweight_out is None:
+        dweight = torch.empty(n_cols, dtype=weight.dtype, device=weight.device)
+    elif dweight_out.dtype != torch.float32 or dweight_out.shape != (n_cols,) or not dweight_out.is_contiguous():
+        raise ValueError(f"dweight_out must be a contiguous float32 [{n_cols}], got {dweight_out.dtype} "
+                         f"{tuple(dweight_out.shape)}")  # fmt: skip
+    else:
+        dweight = dweight_out
+    if n_cols == 0:
+        return dx.view(x.shape), dweight
+    if n_rows == 0:
+        return dx.view(x.shape), dweight if dweight_out is not None else dweight.zero_()
     x_rows = _as_rows(x, n_rows, n_cols)
     dy_rows = _as_rows(dy, n_rows, n_cols)
     ds_rows = dy_rows if ds is None else _as_rows(ds, n_rows, n_cols)  # never read without ds
     block, num_warps = row_block(n_cols, max_block=max_block, can_loop=True)
     loop = n_cols > block
-    rows_per_program = -(-n_rows // persistent_programs(n_rows, x.device))
+    per_sm = _bwd_programs_per_sm(num_warps)
+    rows_per_program = -(-n_rows // persistent_programs(n_rows, x.device, per_sm))
     n_programs = -(-n_rows // rows_per_program)  # no program left without a row
     # The looping kernel adds into its row of the buffer, so it must start at zero; the
     # one-block kernel writes its row once.
@@ -313,28 +398,38 @@ def rms_norm_bwd(
         dy_rows.stride(0), ds_rows.stride(0), x_rows.stride(0),
         n_rows, n_cols, rows_per_program,
         HAS_DS=ds is not None, BLOCK=block, LOOP=loop, num_warps=num_warps,
+        maxnreg=resident_registers(per_sm, num_warps),
     )  # fmt: skip
-    return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
+    # [8 programs' rows x 256 columns] per step: 8 KiB of float32 in flight per program,
+    # and n / 256 programs (16 at hidden 4096) each reading n_programs x 1 KiB.
+    block_n = min(256, block)
+    _rms_norm_bwd_dw[(-(-n_cols // block_n),)](
+        dw_partial, dweight, n_programs, n_cols,
+        ACCUMULATE=dweight_out is not None, BLOCK_P=8, BLOCK_N=block_n, num_warps=4,
+    )  # fmt: skip
+    return dx.view(x.shape), dweight
 
 
 # ---------------------------------------------------------------------------------------
-# Registration: custom ops (opaque to torch.compile, with fake implementations for
-# tracing) and their autograd. A custom op may not return None or an alias of an input,
-# hence two forward ops: with a residual the op also returns s; without, it cannot.
+# Registration: one custom op per launcher (opaque to torch.compile, with a fake for
+# tracing) and one autograd function, which reaches the launchers through
+# dispatch.launch: directly in eager mode, through the custom ops under torch.compile.
+# A custom op may not return None, so without a residual the forward op returns an
+# empty s.
 # ---------------------------------------------------------------------------------------
 @torch.library.custom_op("ease::rms_norm_fwd", mutates_args=())
-def _rms_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, rstd)`` of :func:`rms_norm_fwd` without a residual."""
-    y, _, rstd = rms_norm_fwd(x, weight, eps)
-    return y, rstd
-
-
-@torch.library.custom_op("ease::rms_norm_residual_fwd", mutates_args=())
-def _rms_norm_residual_fwd_op(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+def _rms_norm_fwd_op(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y, s, rstd)`` of :func:`rms_norm_fwd` with ``s = x + residual``."""
-    return rms_norm_fwd(x, weight, eps, residual)
+    """``(y, s, rstd)`` of :func:`rms_norm_fwd`; ``s`` is empty without a residual."""
+    y, s, rstd = rms_norm_fwd(x, weight, eps, residual)
+    return y, x.new_empty(0) if s is None else s, rstd
+
+
+@_rms_norm_fwd_op.register_fake
+def _(x, weight, eps, residual):
+    s = x.new_empty(0) if residual is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), s, x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("ease::rms_norm_bwd", mutates_args=())
@@ -345,96 +440,33 @@ def _rms_norm_bwd_op(
     return rms_norm_bwd(dy, x, weight, rstd, ds)
 
 
-def _empty_like_rows(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-
-
-def _empty_rstd(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-
-
-@_rms_norm_fwd_op.register_fake
-def _(x, weight, eps):
-    return _empty_like_rows(x), _empty_rstd(x)
-
-
-@_rms_norm_residual_fwd_op.register_fake
-def _(x, residual, weight, eps):
-    return _empty_like_rows(x), _empty_like_rows(x), _empty_rstd(x)
-
-
 @_rms_norm_bwd_op.register_fake
 def _(dy, x, weight, rstd, ds):
-    return _empty_like_rows(x), torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty_like(weight)
 
 
-def _setup_fwd(ctx, inputs, output):
-    x, weight, _ = inputs
-    _, rstd = output
-    ctx.mark_non_differentiable(rstd)
-    ctx.save_for_backward(x, weight, rstd)
-
-
-def _backward_fwd(ctx, dy, _drstd):
-    x, weight, rstd = ctx.saved_tensors
-    dx, dweight = torch.ops.ease.rms_norm_bwd(dy, x, weight, rstd, None)
-    return dx, dweight, None
-
-
-def _setup_residual_fwd(ctx, inputs, output):
-    _, _, weight, _ = inputs
-    _, s, rstd = output
-    ctx.mark_non_differentiable(rstd)
-    ctx.save_for_backward(s, weight, rstd)  # s, not x: it is what was normalised
-
-
-def _backward_residual_fwd(ctx, dy, ds, _drstd):
-    s, weight, rstd = ctx.saved_tensors
-    # s = x + residual, so both receive the same gradient: the kernel's dx, which
-    # already includes ds (autograd materialises ds as zeros when s is unused).
-    dx, dweight = torch.ops.ease.rms_norm_bwd(dy, s, weight, rstd, ds)
-    return dx, dx, dweight, None
-
-
-torch.library.register_autograd("ease::rms_norm_fwd", _backward_fwd, setup_context=_setup_fwd)
-torch.library.register_autograd(
-    "ease::rms_norm_residual_fwd", _backward_residual_fwd, setup_context=_setup_residual_fwd
-)
-
-
-# ---------------------------------------------------------------------------------------
-# Eager path: the same launchers under a plain autograd.Function. A torch.library custom
-# op with registered autograd costs about 45 µs more host time per forward call, 90 µs
-# with its backward (bench/bench_call_overhead.py, launchers stubbed, on the CPU): as
-# long as the kernel itself at 16k × 4096 on an H100. torch.compile takes the custom ops.
-# ---------------------------------------------------------------------------------------
 class _RMSNormFunction(torch.autograd.Function):
+    """``y`` or ``(y, s)`` of :func:`rms_norm_fwd`, differentiable in ``x``, ``weight``, ``residual``."""
+
     @staticmethod
     def forward(ctx, x, weight, eps, residual):
-        y, s, rstd = rms_norm_fwd(x, weight, eps, residual)
+        # An unused output's gradient arrives as None rather than a tensor of zeros the
+        # size of x that the backward kernel would read (s, when only y is used).
+        ctx.set_materialize_grads(False)
+        y, s, rstd = launch(rms_norm_fwd, torch.ops.ease.rms_norm_fwd, x, weight, eps, residual)
         ctx.has_residual = residual is not None
-        ctx.save_for_backward(x if s is None else s, weight, rstd)  # what was normalised
-        return y if s is None else (y, s)
+        ctx.save_for_backward(s if ctx.has_residual else x, weight, rstd)  # what was normalised
+        return (y, s) if ctx.has_residual else y
 
     @staticmethod
     @once_differentiable  # the backward kernel has no backward: double backward raises
     def backward(ctx, dy, ds=None):
         normalised, weight, rstd = ctx.saved_tensors
-        # ds arrives as zeros when s is unused (autograd materialises it), as in the op.
-        dx, dweight = rms_norm_bwd(dy, normalised, weight, rstd, ds)
+        if dy is None:  # only s was used: s = x + residual hands ds to both, weight gets nothing
+            return ds, None, None, ds
+        dx, dweight = launch(rms_norm_bwd, torch.ops.ease.rms_norm_bwd, dy, normalised, weight, rstd, ds)
+        # s = x + residual, so both receive the same gradient: dx, which includes ds.
         return dx, dweight, None, dx if ctx.has_residual else None
-
-
-def _rms_norm_triton(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    if not torch.compiler.is_compiling():
-        return _RMSNormFunction.apply(x, weight, eps, residual)
-    if residual is None:
-        y, _ = torch.ops.ease.rms_norm_fwd(x, weight, eps)
-        return y
-    y, s, _ = torch.ops.ease.rms_norm_residual_fwd(x, residual, weight, eps)
-    return y, s
 
 
 # ---------------------------------------------------------------------------------------
@@ -486,5 +518,5 @@ def rms_norm(
             x, residual = x.to(common), residual.to(common)
     eps = check_eps(eps)
     if use_triton(x):
-        return _rms_norm_triton(x, weight, eps, residual)
+        return _RMSNormFunction.apply(x, weight, eps, residual)
     return rms_norm_reference(x, weight, eps, residual)

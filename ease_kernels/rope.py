@@ -5,8 +5,8 @@ dimension is split into halves ``x1 = x[..., :D/2]`` and ``x2 = x[..., D/2:]`` a
 ``i`` is ``(x1[i], x2[i])``, rotated by angle ``position * inv_freq[i]``.
 
 Reads top to bottom: the reference (the definition), the Triton kernel, its launcher, the
-``torch.library`` registration (``ease::apply_rope`` with its fake and autograd), and the
-public function.
+registration (the ``ease::apply_rope`` custom op with its fake, and the one autograd
+function), and the public function.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import torch
 
 from ease_kernels._launch import jit, row_block, tl
 from ease_kernels._validation import check_float, check_tensor
-from ease_kernels.dispatch import use_triton
-
+from ease_kernels.dispatch import launch, use_triton
 
 
 # ---------------------------------------------------------------------------------------
@@ -116,7 +115,10 @@ def apply_rope_reference(
 #
 # One kernel does both (INVERSE). One program owns one token (b, t): it loads that token's
 # cos/sin once and rotates all Hq query heads and then all Hkv key heads with them, a tile
-# of BLOCK_H heads at a time. Grid: (B * T,).
+# of BLOCK_H heads at a time. Grid: (B * T,). The tile is as tall as the smaller group
+# (8 heads for 32 query + 8 key/value heads: 4 tiles of q, 1 of k), not the larger: a
+# 32-row tile for 8 key heads masks 24 rows, which cost instructions though they move no
+# bytes (22.5 SASS instructions per key element on sm_90 against 5.6; bench/kernel_report.py).
 @jit
 def _rope_rotate_heads(
     X,  # first element of this token's heads in q or k (head_dim contiguous)
@@ -190,15 +192,32 @@ _MAX_TILE = 2048
 _MAX_HALF_DIM = 4096
 
 
-def _rope_launch_config(half_dim: int, max_heads: int) -> tuple[int, int, int]:
-    """``(BLOCK_HALF, BLOCK_H, num_warps)`` for ``D/2 = half_dim`` and ``max(Hq, Hkv)`` heads."""
+# Elements of a tile (of each half) per thread: 8, as a 2048-element tile on 8 warps.
+_TILE_PER_THREAD = 8
+# The shortest tile: with one key/value head (multi-query attention) a 1-row tile would
+# walk the query heads one at a time; 4 rows mask 3 for k and keep q's loop short.
+_MIN_TILE_HEADS = 4
+
+
+def _rope_launch_config(half_dim: int, q_heads: int, kv_heads: int) -> tuple[int, int, int]:
+    """``(BLOCK_HALF, BLOCK_H, num_warps)`` for ``D/2 = half_dim`` and the two head counts.
+
+    ``BLOCK_H`` is the next power of two at or above the smaller head count (at least
+    ``_MIN_TILE_HEADS`` unless both are smaller, at most ``_MAX_TILE`` elements);
+    ``num_warps`` gives each thread ``_TILE_PER_THREAD`` elements of a tile.
+    """
     if half_dim > _MAX_HALF_DIM:
         raise ValueError(
             f"head_dim must be at most {2 * _MAX_HALF_DIM} for the Triton RoPE kernel, got {2 * half_dim}"
         )
     block_half, _ = row_block(half_dim, max_block=_MAX_HALF_DIM)
-    block_h = max(1, min(1 << (max(max_heads, 1) - 1).bit_length(), _MAX_TILE // block_half))
-    _, num_warps = row_block(block_h * block_half)
+
+    def power_of_two(heads: int) -> int:
+        return 1 << (max(heads, 1) - 1).bit_length()
+
+    heads = max(power_of_two(min(q_heads, kv_heads)), min(_MIN_TILE_HEADS, power_of_two(max(q_heads, kv_heads))))
+    block_h = max(1, min(heads, _MAX_TILE // block_half))
+    num_warps = min(8, max(1, block_h * block_half // (32 * _TILE_PER_THREAD)))
     return block_half, block_h, num_warps
 
 
@@ -226,7 +245,7 @@ def _rope_launch(
     cos = cos.to(torch.float32).contiguous()
     sin = sin.to(torch.float32).contiguous()
     stride_cb = cos.stride(0) if cos.dim() == 3 else 0
-    block_half, block_h, num_warps = _rope_launch_config(head_dim // 2, max(n_q_heads, n_kv_heads))
+    block_half, block_h, num_warps = _rope_launch_config(head_dim // 2, n_q_heads, n_kv_heads)
     _rope_fwd_bwd_kernel[(batch * seq,)](
         q, k, q_out, k_out, cos, sin,
         seq, n_q_heads, n_kv_heads, head_dim // 2,
@@ -239,7 +258,9 @@ def _rope_launch(
 
 
 # ---------------------------------------------------------------------------------------
-# Registration: custom op, fake implementation, autograd
+# Registration: the custom op (opaque to torch.compile, with a fake for tracing) and the
+# one autograd function, which reaches the launcher through dispatch.launch: directly in
+# eager mode, through the custom op under torch.compile.
 # ---------------------------------------------------------------------------------------
 @torch.library.custom_op("ease::apply_rope", mutates_args=())
 def _apply_rope_op(
@@ -254,51 +275,43 @@ def _(q, k, cos, sin, inverse=False):
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
-def _apply_rope_setup_context(ctx, inputs, output):
-    _, _, cos, sin, inverse = inputs
-    ctx.save_for_backward(cos, sin)
-    ctx.inverse = inverse
-
-
-def _apply_rope_backward(ctx, grad_q_out, grad_k_out):
-    # The gradient of a rotation is the opposite rotation; calling the op itself (not the
-    # launcher) keeps the backward differentiable, so double backward works too.
-    # cos/sin get no gradient: they are functions of integer positions.
-    cos, sin = ctx.saved_tensors
-    grad_q, grad_k = torch.ops.ease.apply_rope(grad_q_out, grad_k_out, cos, sin, not ctx.inverse)
-    return grad_q, grad_k, None, None, None
-
-
-torch.library.register_autograd(
-    "ease::apply_rope", _apply_rope_backward, setup_context=_apply_rope_setup_context
-)
-
-
-# ---------------------------------------------------------------------------------------
-# Eager path: the same launcher under a plain autograd.Function, without the custom op's
-# per-call Python cost (see rms_norm.py); torch.compile takes the custom op.
-# ---------------------------------------------------------------------------------------
 class _RopeFunction(torch.autograd.Function):
+    """``(R q, R k)`` (``R^T`` with ``inverse``), differentiable in ``q`` and ``k``.
+
+    cos/sin get no gradient: they are functions of integer positions.
+    """
+
     @staticmethod
     def forward(ctx, q, k, cos, sin, inverse):
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
         ctx.save_for_backward(cos, sin)
         ctx.inverse = inverse
-        return _rope_launch(q, k, cos, sin, inverse)
+        return launch(_rope_launch, torch.ops.ease.apply_rope, q, k, cos, sin, inverse)
 
     @staticmethod
     def backward(ctx, grad_q_out, grad_k_out):
-        # The opposite rotation, through the function itself: double backward works.
+        # The gradient of a rotation is the opposite rotation: the same launcher with the
+        # sine negated, called directly (not through another custom op or function, whose
+        # host cost would be most of the backward's time). Only when a graph of the
+        # backward is wanted (double backward, create_graph=True) does it go through this
+        # function again, which records it.
         cos, sin = ctx.saved_tensors
-        grad_q, grad_k = _RopeFunction.apply(grad_q_out, grad_k_out, cos, sin, not ctx.inverse)
-        return grad_q, grad_k, None, None, None
-
-
-def _apply_rope_triton(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if not torch.compiler.is_compiling():
-        return _RopeFunction.apply(q, k, cos, sin, False)
-    return torch.ops.ease.apply_rope(q, k, cos, sin)
+        if grad_q_out is None and grad_k_out is None:
+            return None, None, None, None, None
+        # An unused output (None) is rotated as a tensor of zero heads: nothing is read.
+        q_in = grad_q_out if grad_q_out is not None else grad_k_out[:, :, :0]
+        k_in = grad_k_out if grad_k_out is not None else grad_q_out[:, :, :0]
+        if torch.is_grad_enabled():
+            grad_q, grad_k = _RopeFunction.apply(q_in, k_in, cos, sin, not ctx.inverse)
+        else:
+            grad_q, grad_k = launch(_rope_launch, torch.ops.ease.apply_rope, q_in, k_in, cos, sin, not ctx.inverse)
+        return (
+            grad_q if grad_q_out is not None else None,
+            grad_k if grad_k_out is not None else None,
+            None,
+            None,
+            None,
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -352,5 +365,5 @@ def apply_rope(
     if cos.shape != sin.shape:
         raise ValueError(f"cos and sin must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
     if use_triton(q):
-        return _apply_rope_triton(q, k, cos, sin)
+        return _RopeFunction.apply(q, k, cos, sin, False)
     return apply_rope_reference(q, k, cos, sin)

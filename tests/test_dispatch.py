@@ -6,6 +6,8 @@ import sys
 
 import pytest
 import torch
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
 
 import ease_kernels
 from ease_kernels import _launch, dispatch
@@ -80,3 +82,46 @@ def test_row_block_caps_and_errors():
     with pytest.raises(ValueError, match="max_block"):
         _launch.row_block(10, max_block=1000)
     assert 1 <= _launch.persistent_programs(3, torch.device("cpu")) <= 3
+
+
+# exit_confidence's running maximum starts at the lowest float; numpy (the interpreter) warns
+# when |z - FLT_LOWEST| * log2(e) overflows to inf, whose exp2 is the 0 intended.
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")
+def test_compile_reaches_the_kernels_through_their_custom_ops(triton_backend):
+    """torch.compile (AOT autograd, no compiler) traces each op's one autograd function
+    without a graph break, sees the custom ops (not the launchers' Python), and gives eager's
+    values and gradients: the kernels run inside the ops (the interpreter on the CPU)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    x, r = (torch.randn(3, 40, device=device, requires_grad=True) for _ in range(2))
+    w = torch.randn(40, device=device, requires_grad=True)
+    q = torch.randn(1, 3, 4, 8, device=device, requires_grad=True)
+    k = torch.randn(1, 3, 2, 8, device=device, requires_grad=True)
+    cos, sin = ease_kernels.rope_cos_sin(torch.arange(3, device=device), 8)
+
+    def step(x, w, r, q, k):
+        y, s = ease_kernels.rms_norm(x, w, 1e-6, residual=r)
+        y2 = ease_kernels.rms_norm(s, w, 1e-6)
+        q_out, k_out = ease_kernels.apply_rope(q, k, cos, sin)
+        decision = ease_kernels.exit_confidence(y2, 0.5)
+        return (y * y2).sum() + q_out.square().sum() + k_out.sum(), decision.confidence
+
+    graphs = []  # the forward and backward graphs AOT autograd hands its compilers
+
+    def keep(graph_module, example_inputs):
+        graphs.append(graph_module.code)
+        return make_boxed_func(graph_module.forward)
+
+    backend = aot_autograd(fw_compiler=keep, bw_compiler=keep)
+    assert torch._dynamo.explain(step)(x, w, r, q, k).graph_break_count == 0
+    results = {}
+    for name, fn in (("eager", step), ("compiled", torch.compile(step, backend=backend, fullgraph=True))):
+        loss, confidence = fn(x, w, r, q, k)
+        results[name] = [loss.detach(), confidence, *torch.autograd.grad(loss, (x, w, r, q, k))]
+    forward, backward = graphs
+    for op in ("rms_norm_fwd", "apply_rope", "exit_confidence"):
+        assert f"torch.ops.ease.{op}.default" in forward, op
+    for op in ("rms_norm_bwd", "apply_rope"):
+        assert f"torch.ops.ease.{op}.default" in backward, op
+    for i, (got, want) in enumerate(zip(results["compiled"], results["eager"])):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=lambda m, i=i: f"output {i}: {m}")

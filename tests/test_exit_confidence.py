@@ -13,7 +13,7 @@ import torch
 
 import ease_kernels
 from ease_kernels import exit_confidence, exit_confidence_reference
-from ease_kernels.exit_confidence import _VOCAB_BLOCK as BLOCK  # the kernel's lanes per loop step
+from ease_kernels._online_softmax import VOCAB_BLOCK as BLOCK  # the kernel's lanes per loop step
 
 # Where the kernels can run: CUDA when present, the CPU only through the Triton interpreter
 # (conftest turns it on when there is no GPU; without it Triton cannot touch CPU tensors).
@@ -21,6 +21,10 @@ DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (
     ["cuda"] if torch.cuda.is_available() else []
 )
 EPS32 = torch.finfo(torch.float32).eps
+
+# The kernel's running maximum starts at the lowest finite float; in the Triton interpreter
+# numpy warns when |z - FLT_LOWEST| * log2(e) overflows to inf, whose exp2 is the 0 intended.
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")
 
 # logits dtype -> largest relative confidence error. Loading any of these dtypes into float32
 # is exact, so only the float32 arithmetic counts: exp (a few eps on GPUs, whose exp is an
@@ -227,6 +231,18 @@ def test_kernel_minus_inf_logits(triton_backend, device):
     assert torch.isnan(result.confidence[2]) and torch.isnan(reference.confidence[2])
     assert result.prediction[2].item() == reference.prediction[2].item() == 0
     assert not result.exit[2]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_rows_masked_with_the_lowest_float(triton_backend, device):
+    """finfo.min (Hugging Face's mask value) is a number, not -inf: a row of it is a uniform
+    softmax, and beside finite logits it adds exp(-huge) = 0."""
+    vocab = BLOCK + 7
+    logits = torch.randn(2, vocab, device=device)
+    logits[0] = torch.finfo(torch.float32).min
+    logits[1, 1::2] = torch.finfo(torch.float32).min
+    check_against_truth(logits, exit_confidence(logits, 0.5), TOLERANCE[torch.float32], 0.5)
+    assert exit_confidence(logits).prediction[0].item() == 0
 
 
 # ---------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ so errors of either sign count). It is scale-free, and bounded by the unit round
 output dtype for a result computed in float32 and rounded once. One exception: ``dx`` is the
 difference ``rstd * (dy * w - xhat * c)`` of two terms that cancel when the row is short
 (at hidden = 1, to ``~eps / x ** 2``), which no float32 computation resolves; its
-denominator is therefore at least ``max |rstd * dy * w|``, the size of the terms.
+denominator is therefore at least ``max |rstd * dy * w|``, the size of the terms; and
+``dweight``, a sum over rows of ``dy * xhat`` whose terms can cancel, is measured against
+``max over columns of sum |dy * xhat|``, the size of what is summed.
 """
 
 import importlib
@@ -22,7 +24,7 @@ from conftest import KERNEL_DEVICES
 from _parity import relative_error, worst
 
 import ease_kernels
-from ease_kernels import rms_norm, rms_norm_reference
+from ease_kernels import _launch, rms_norm, rms_norm_reference
 
 # The module itself: ``ease_kernels.rms_norm`` as an attribute is the function it exports.
 rms_norm_module = importlib.import_module("ease_kernels.rms_norm")
@@ -75,6 +77,12 @@ def float64_truth(x, weight, eps=EPS, residual=None, dy=None, ds=None, s=None) -
         truth.update(dx=ds_total, dweight=dweight, dresidual=ds_total if residual is not None else None)
         rstd64 = torch.rsqrt(s64.detach().square().mean(-1, keepdim=True) + eps)
         truth["dx_scale"] = (rstd64 * dy.double() * w64.detach()).abs().max().item() if dy.numel() else 0.0
+        # dweight sums dy * xhat over the rows; terms of either sign can cancel (at hidden 1
+        # xhat = +-1, and six terms of size 1 may sum to 0.005), so its error is measured
+        # against the size of the terms summed, as float32 summation resolves them.
+        xhat64 = (s64.detach() * rstd64).reshape(-1, s64.shape[-1])
+        dweight_terms = (dy.double().reshape(-1, s64.shape[-1]) * xhat64).abs().sum(0)
+        truth["dweight_scale"] = dweight_terms.max().item() if dweight_terms.numel() else 0.0
     return truth
 
 
@@ -108,7 +116,8 @@ def check_against_truth(result: dict, truth: dict, label: str) -> dict:
         out = result[name]
         want_shape = tuple(truth[name].shape)
         assert out.shape == want_shape, f"{label} {name}: shape {tuple(out.shape)}, want {want_shape}"
-        scale = truth["dx_scale"] if name in ("dx", "dresidual") else 0.0
+        scale = {"dx": truth.get("dx_scale"), "dresidual": truth.get("dx_scale"), "dweight": truth.get("dweight_scale")}
+        scale = scale.get(name) or 0.0
         errors[name] = relative_error(out, truth[name], scale)
         forward_tol, grad_tol = TOLERANCES[out.dtype]
         tol = forward_tol if name == "y" else grad_tol
@@ -334,20 +343,52 @@ def test_launchers_loop_over_chunks(device, dtype, residual):
         check_against_truth(result, float64_truth(x, weight, residual=r, dy=dy, ds=ds, s=s), f"max_block={max_block}")
 
 
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_dweight_sums_many_program_partials_in_float32(device, monkeypatch):
+    """More programs (21) than the dw kernel sums per step (8): three steps, the last short;
+    and ``dweight_out`` adds the unrounded float32 sum into a caller's accumulator."""
+    monkeypatch.setattr(_launch, "PROGRAMS_WITHOUT_CUDA", 23)  # 61 rows: 3 a program, 21 programs
+    x, weight, _, dy, _ = make_inputs((61, 100), torch.bfloat16, device, weight_dtype=torch.bfloat16)
+    _, _, rstd = rms_norm_module.rms_norm_fwd(x, weight, EPS)
+    truth = float64_truth(x, weight, dy=dy)["dweight"]
+    dx, dweight = rms_norm_module.rms_norm_bwd(dy, x, weight, rstd)
+    assert dweight.dtype == torch.bfloat16
+    # float32 sums rounded once to bfloat16 (2**-8) and the interpreter's truncation (2**-7).
+    assert relative_error(dweight, truth) <= 2**-6
+    accumulator = torch.full((100,), 0.5, dtype=torch.float32, device=device)
+    for _ in range(2):
+        _, out = rms_norm_module.rms_norm_bwd(dy, x, weight, rstd, dweight_out=accumulator)
+        assert out is accumulator
+    # Not rounded to bfloat16 on the way: float32 against float64, two sums plus 0.5.
+    assert relative_error(accumulator, 2 * truth + 0.5) <= 1e-5
+    with pytest.raises(ValueError, match="dweight_out must be a contiguous float32"):
+        rms_norm_module.rms_norm_bwd(dy, x, weight, rstd, dweight_out=torch.zeros(100, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_triton_hidden_4096_bf16_more_rows_than_programs(triton_backend, device, residual):
+    """The target shape's row (hidden 4096, bf16, one block of 4096, pipelined row loop)
+    with more rows than programs and a short last program: 25 rows over 8 programs of 4
+    rows under the interpreter (2 per SM on a GPU: 25 rows leave most SMs idle, but the
+    loop and the short last program are the same code). Tolerances: the table's."""
+    rows = 25 if device == "cpu" else 2 * 132 * 3 + 1
+    inputs = make_inputs((rows, 4096), torch.bfloat16, device, weight_dtype=torch.bfloat16, residual=residual)
+    check_triton(*inputs, device, "hidden=4096")
+
+
 # ---------------------------------------------------------------------------------------
 # Custom-op registration
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("case", ["fwd", "residual_fwd", "bwd", "bwd_with_ds"])
 def test_opcheck(device, case):
-    """Schema, fake implementation, autograd registration and AOT dispatch of each op."""
+    """Schema, fake implementation and AOT dispatch of each op. The ops carry no autograd:
+    the one autograd function (``_RMSNormFunction``) calls them under torch.compile."""
     x, weight, r, dy, ds = make_inputs((3, 20), torch.float32, device, residual=True)
     _, s, rstd = rms_norm_module.rms_norm_fwd(x, weight, EPS, r)
-    if case == "fwd":
-        op, args = torch.ops.ease.rms_norm_fwd.default, (x.requires_grad_(), weight.requires_grad_(), EPS)
-    elif case == "residual_fwd":
-        op = torch.ops.ease.rms_norm_residual_fwd.default
-        args = (x.requires_grad_(), r.requires_grad_(), weight.requires_grad_(), EPS)
+    if case in ("fwd", "residual_fwd"):
+        op, args = torch.ops.ease.rms_norm_fwd.default, (x, weight, EPS, r if case == "residual_fwd" else None)
     else:
         op, args = torch.ops.ease.rms_norm_bwd.default, (dy, s, weight, rstd, ds if case == "bwd_with_ds" else None)
     torch.library.opcheck(op, args)

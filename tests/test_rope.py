@@ -166,6 +166,51 @@ def test_kernel_forward_and_backward_match_truth(triton_backend, triton_path, de
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "heads",
+    [(32, 8), (64, 8), (40, 40), (32, 1)],
+    ids=["llama3_32_8", "64_8", "mha_40_above_the_tile", "mqa_32_1"],
+)
+def test_kernel_head_counts_that_matter(triton_backend, triton_path, device, heads):
+    """Head dimension 128 in bfloat16 (Llama 3): 32 query + 8 key/value heads (tiles of 8),
+    more query heads than one tile holds, 40 heads past the 2048-element tile (a second,
+    mostly masked tile) and one key/value head; forward and backward against float64 with
+    the table's bfloat16 tolerance (one rounding, a full eps for the interpreter's truncation)."""
+    torch.manual_seed(sum(heads))
+    q_heads, kv_heads = heads
+    seq = 3 if device == "cpu" else 257
+    qkv, q, k, cos, sin = make_inputs(2, seq, q_heads, kv_heads, 128, torch.bfloat16, device, per_row=True,
+                                      requires_grad=True)  # fmt: skip
+    tol = TOLERANCE[torch.bfloat16]
+    q_out, k_out = apply_rope(q, k, cos, sin)
+    assert_close_rel(q_out, rotate_truth(q, cos, sin), tol, "q")
+    assert_close_rel(k_out, rotate_truth(k, cos, sin), tol, "k")
+    grad_q_out, grad_k_out = torch.randn_like(q_out), torch.randn_like(k_out)
+    (grad_qkv,) = torch.autograd.grad((q_out, k_out), qkv, (grad_q_out, grad_k_out))
+    q_width, k_width = q_heads * 128, kv_heads * 128
+    grad_q = grad_qkv[..., :q_width].unflatten(-1, (q_heads, 128))
+    grad_k = grad_qkv[..., q_width : q_width + k_width].unflatten(-1, (kv_heads, 128))
+    assert_close_rel(grad_q, rotate_truth(grad_q_out, cos, sin, inverse=True), tol, "grad q")
+    assert_close_rel(grad_k, rotate_truth(grad_k_out, cos, sin, inverse=True), tol, "grad k")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("used", ["q", "k"])
+def test_kernel_backward_with_one_output_unused(triton_backend, triton_path, device, used):
+    """Only q' (or only k') reaches the loss: the unused output's gradient arrives as None
+    (nothing materialised); the used input gets R^T g, the other no gradient at all."""
+    torch.manual_seed(5)
+    _, q, k, cos, sin = make_inputs(2, 3, 4, 2, 8, torch.float32, device, fused=False, requires_grad=True)
+    q_out, k_out = apply_rope(q, k, cos, sin)
+    out, leaf = (q_out, q) if used == "q" else (k_out, k)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    other = k if used == "q" else q
+    assert other.grad is None
+    assert_close_rel(leaf.grad, rotate_truth(grad_out, cos, sin, inverse=True), TOLERANCE[torch.float32], used)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_kernel_backward_is_inverse_rotation_of_float64_autograd(triton_backend, device):
     """The kernel's gradient equals float64 autograd of the reference, and rotating it
     forward again gives back the incoming gradient (R R^T g = g)."""
@@ -253,11 +298,10 @@ def test_kernel_rejects_head_dim_above_cap(triton_backend, device):
 @pytest.mark.parametrize("inverse", [False, True])
 @pytest.mark.parametrize("per_row", [False, True], ids=["shared_positions", "per_row_positions"])
 def test_opcheck(triton_backend, device, inverse, per_row):
+    """Schema, fake implementation and AOT dispatch. The op carries no autograd: the one
+    autograd function (``_RopeFunction``) calls it under torch.compile."""
     torch.manual_seed(4)
-    # q and k require grad so that opcheck exercises the autograd registration.
-    _, q, k, cos, sin = make_inputs(
-        2, 3, 4, 2, 6, torch.float32, device, per_row=per_row, fused=False, requires_grad=True
-    )
+    _, q, k, cos, sin = make_inputs(2, 3, 4, 2, 6, torch.float32, device, per_row=per_row, fused=False)
     torch.library.opcheck(torch.ops.ease.apply_rope.default, (q, k, cos, sin), {"inverse": inverse})
 
 
