@@ -461,6 +461,60 @@ def _check_chunk_size(chunk_size: object) -> int | None:
     return chunk_size
 
 
+def _chunk_cross_entropy(
+    hidden: torch.Tensor, norm_weight: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
+    eps: float, ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy and correct count of one chunk, in differentiable plain ops."""
+    z = F.linear(rms_norm(hidden, norm_weight, eps), head_weight)
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    ce = F.cross_entropy(z, targets, ignore_index=ignore_index, reduction="sum")
+    correct = ((z.detach().argmax(-1) == targets) & (targets != ignore_index)).sum()
+    return ce, correct
+
+
+def _exit_head_loss_traced(
+    hidden: list[torch.Tensor], norm_weight: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
+    weights: list[float], eps: float, ignore_index: int, chunk_size: int | None,
+) -> ExitHeadLoss:
+    """The fused loss as ``torch.compile`` traces it: chunks of plain ops, each checkpointed.
+
+    The eager path computes every gradient in its forward pass, with host-side loops and
+    counts a graph cannot hold. Here each chunk's logits are recomputed in the backward
+    pass instead of kept (activation checkpointing), so memory stays one chunk of logits
+    per layer in flight while the compiler sees one graph: no host sync, no range check
+    (the eager call checks the targets; a compiled step trusts them, as the model's own
+    input check does under compile).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    dim = hidden[0].shape[-1]
+    flat_targets = targets.reshape(-1).to(torch.int64)
+    rows = flat_targets.shape[0]
+    chunk = chunk_size or _default_chunk_size(rows, dim, head_weight.shape[0], hidden[0].device)
+    tokens = (flat_targets != ignore_index).sum().clamp_min(1)
+    loss, layer_losses, correct = None, [], []
+    for h, weight in zip(hidden, weights):
+        flat = h.reshape(rows, dim)
+        ce_sum, right = None, None
+        for start in range(0, rows, chunk):
+            ce, count = checkpoint(
+                _chunk_cross_entropy, flat[start : start + chunk], norm_weight, head_weight,
+                flat_targets[start : start + chunk], eps, ignore_index, use_reentrant=False,
+            )  # fmt: skip
+            ce_sum = ce if ce_sum is None else ce_sum + ce
+            right = count if right is None else right + count
+        ce_mean = ce_sum / tokens
+        layer_losses.append(ce_mean.detach())
+        correct.append(right)
+        if weight > 0:
+            loss = weight * ce_mean if loss is None else loss + weight * ce_mean
+    layer_losses = torch.stack(layer_losses)
+    if loss is None:
+        loss = torch.zeros((), dtype=layer_losses.dtype, device=layer_losses.device)
+    return ExitHeadLoss(loss, layer_losses, torch.stack(correct))
+
+
 def _exit_head_loss(
     hidden_states, norm_weight, head_weight, targets, layer_weights, eps, ignore_index, chunk_size
 ) -> ExitHeadLoss:
@@ -505,6 +559,8 @@ def _exit_head_loss(
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     chunk_size = _check_chunk_size(chunk_size)
 
+    if torch.compiler.is_compiling():
+        return _exit_head_loss_traced(hidden, norm_weight, head_weight, targets, weights, float(eps), ignore_index, chunk_size)
     targets = targets.to(head_weight.device, torch.int64)
     counted = targets != ignore_index
     # One host sync reads both: checked here because an out-of-range id would read past a
