@@ -82,14 +82,19 @@ from typing import Any
 __all__ = [
     "ConfigError",
     "RunSpec",
+    "apply_overrides",
     "build_parser",
+    "check_keys",
     "default_threads",
     "load_run_spec",
     "main",
     "parse_override",
+    "parse_value",
     "plot_accuracy_per_layer",
     "plot_loss_per_layer",
+    "read_config_file",
     "read_metrics",
+    "resolve_layer_weights",
     "run",
 ]
 
@@ -393,13 +398,13 @@ def _resolve_data(values: dict[str, Any], training_seed: Any) -> dict[str, Any]:
             )
         if not Path(text).is_file():
             raise ConfigError(f"data.text: no such file {text!r}")
-    seed = values["seed"] if values["seed"] is not None else training_seed
+    seed_name, seed = ("data.seed", values["seed"]) if values["seed"] is not None else ("training.seed", training_seed)
     kwargs = {
         "path": text,
         "corpus": corpus,
         "seq_len": _check("data.seq_len", check_int, values["seq_len"], 1),
         "batch_size": _check("data.batch_size", check_int, values["batch_size"], 1),
-        "seed": _check("data.seed", check_int, seed, 0, 2**32 - 1, expected="an integer in [0, 2**32)"),
+        "seed": _check(seed_name, check_int, seed, 0, 2**32 - 1, expected="an integer in [0, 2**32)"),
         "vocab_size": None,
         "val_fraction": None,
     }
@@ -514,7 +519,15 @@ class RunSpec:
         return max(1, math.ceil(min(budgets) / max(train_batches, 1)))
 
 
-def _training_config(tables: dict[str, dict[str, Any]], weights, scales, out: Path, checkpoints: bool, resume: bool, verbose: bool):
+def _training_config(
+    tables: dict[str, dict[str, Any]],
+    weights: dict[int, Any],
+    scales: dict[int, Any] | None,
+    out: Path,
+    checkpoints: bool,
+    resume: bool,
+    verbose: bool,
+):
     """The :class:`TrainingConfig` of the resolved tables; its errors name the dotted key."""
     from ease.config import TrainingConfig
 
@@ -609,7 +622,6 @@ def load_run_spec(
     out = Path(out_dir)
     config = _training_config(tables, weights, scales, out, checkpoints, resume, verbose)
     options = _resolve_run_options(tables["training"])
-    _check_output_dir(out, resume, overwrite)
     tables["model"]["max_seq_len"] = model_kwargs["max_seq_len"]
     tables["data"]["seed"] = data_kwargs["seed"]
     tables["l3t"] = {"layer_weights": config.layer_weights, "layer_lr_scales": config.layer_lr_scales,
@@ -622,6 +634,7 @@ def load_run_spec(
     )  # fmt: skip
     placeholder_vocab = data_kwargs["vocab_size"] or 1000  # the vocabulary changes no check
     _check_against_model(spec, placeholder_vocab)
+    _check_output_dir(out, resume, overwrite)
     return spec
 
 
@@ -731,6 +744,30 @@ def _model_to_save(model, context, spec: RunSpec, vocab_size: int):
     return copy
 
 
+def _final_figures(trainer, model, val_batches, result) -> dict[str, Any]:
+    """``evaluate()`` of the restored (best) weights: the figures measured when they were best.
+
+    The model holds the weights of the best evaluation, so that evaluation's figures are
+    what evaluating again would give, without another pass over the validation data;
+    only when the history has no such entry is the model evaluated again.
+    """
+    for entry in result.history:
+        best = entry.get("step") == result.best_step if result.best_step is not None else None
+        if best or (best is None and entry["epoch"] == result.best_epoch):
+            return entry["val"]
+    return trainer.evaluate(model, val_batches)
+
+
+def _note_epoch_cap(spec: RunSpec, max_epochs: int, train_batches: int) -> None:
+    """Print a note when ``training.max_epochs`` ends the run before ``training.max_steps``."""
+    steps = max_epochs * train_batches
+    if spec.config.max_steps is not None and steps < spec.config.max_steps:
+        print(
+            f"note: training.max_epochs={max_epochs} ends the run after {steps} steps ({train_batches} per epoch), "
+            f"before training.max_steps={spec.config.max_steps}; leave max_epochs out to follow max_steps"
+        )
+
+
 def run(spec: RunSpec, verbose: bool = True) -> dict[str, Any]:
     """Train the spec's model with early stopping and write the output folder; the summary.
 
@@ -770,6 +807,8 @@ def run(spec: RunSpec, verbose: bool = True) -> dict[str, Any]:
     optimizer = trainer.create_optimizer(model, base_lr=spec.base_lr)
     tokens_per_step = spec.data_kwargs["batch_size"] * spec.data_kwargs["seq_len"]
     max_epochs = spec.epochs_for(len(data.train_batches), tokens_per_step)
+    if verbose and writer:
+        _note_epoch_cap(spec, max_epochs, len(data.train_batches))
     train_start = time.perf_counter()
     try:
         result = trainer.train_with_early_stopping(
@@ -779,7 +818,7 @@ def run(spec: RunSpec, verbose: bool = True) -> dict[str, Any]:
     finally:
         trainer.metrics.close()
     train_seconds = time.perf_counter() - train_start
-    final = trainer.evaluate(model, data.val_batches)
+    final = _final_figures(trainer, model, data.val_batches, result)
     saved = _model_to_save(model, context, spec, data.vocab_size)
     summary = {
         "config_file": spec.config_file,
