@@ -320,3 +320,14 @@ def test_plots_of_a_model_trained_on_its_last_layer(tmp_path) -> None:
 def test_default_threads_is_one_on_small_machines(monkeypatch, cores, threads) -> None:
     monkeypatch.setattr(train_cli.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     assert train_cli.default_threads() == threads
+
+
+def test_help_lists_every_table_and_key(capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        train_cli.main(["--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    for table in ("[model]", "[data]", "[l3t]", "[training]", "[output]"):
+        assert table in text
+    for key in ("layer_weights", "routing_threshold", "max_steps", "exit_curriculum", "resume", "spin-waiting"):
+        assert key in text

@@ -972,12 +972,24 @@ def plot_accuracy_per_layer(evaluation: dict[str, Any], path: str | os.PathLike)
 # --------------------------------------------------------------------------- the command
 
 
+def _keys_epilog() -> str:
+    """The tables and their keys, for ``--help``."""
+    import textwrap
+
+    lines = ["keys of a run file (every one optional; write \"none\" for None):"]
+    for table, keys in _schema().items():
+        lines += textwrap.wrap(", ".join(keys), width=88, initial_indent=f"  [{table}] ", subsequent_indent="    ")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments."""
     parser = argparse.ArgumentParser(
         prog="python -m ease.train",
         description="Train one EASE model from a TOML run file (tables [model], [data], [l3t], [training], "
         "[output]; see the module documentation of ease.cli.train).",
+        epilog=_keys_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", required=True, help="the TOML run file")
     parser.add_argument(
