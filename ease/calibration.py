@@ -156,6 +156,7 @@ def calibrate_threshold(
     max_accuracy_drop: float = 0.01,
     thresholds: Iterable[float] | None = None,
     min_exit_layer: int = 1,
+    exit_criterion: str = "max_prob",
 ) -> CalibrationResult:
     """The lowest routing threshold whose early-exit accuracy stays near full depth.
 
@@ -171,6 +172,8 @@ def calibrate_threshold(
             (0.01 = one percentage point).
         thresholds: thresholds to sweep, each in (0, 1]; default :data:`DEFAULT_THRESHOLDS`.
         min_exit_layer: no token exits before this layer.
+        exit_criterion: the exit score the thresholds apply to
+            (:data:`ease.exits.EXIT_CRITERIA`).
 
     Returns:
         :class:`CalibrationResult` with the chosen ``threshold`` (or None) and the ``sweep``.
@@ -183,7 +186,7 @@ def calibrate_threshold(
     values = _check_thresholds(thresholds)
     num_layers = model.num_layers
     # The rule's threshold varies over the sweep; its layers are what is fixed here.
-    rule = ExitRule.for_model(model, None, min_exit_layer)
+    rule = ExitRule.for_model(model, None, min_exit_layer, exit_criterion)
     min_exit_layer = rule.min_exit_layer
 
     device = model.device
@@ -201,12 +204,22 @@ def calibrate_threshold(
             inputs, targets = inputs.to(device), targets.to(device, torch.long)
             counted = targets != IGNORE_INDEX
             tokens += int(counted.sum())
-            logits = model(inputs, exit_layers=range(1, num_layers + 1))
+            # One model pass per batch: every layer's logits (and, for the criteria that
+            # read them, hidden states) score every threshold.
+            if rule.needs_hidden:
+                hidden = model.hidden_states(inputs, range(1, num_layers + 1))
+                previous = model.embed(inputs)
+                logits = {layer: model.exit_head(state) for layer, state in hidden.items()}
+            else:
+                hidden, previous = {}, None
+                logits = model(inputs, exit_layers=range(1, num_layers + 1))
             confidence, correct = [], []
             for layer in range(1, num_layers + 1):
-                decision = ease_kernels.exit_confidence(logits[layer])
+                state = hidden.get(layer)
+                decision = rule.score(logits.pop(layer), layer, state, previous)
                 confidence.append(decision.confidence[counted])
                 correct.append(decision.prediction[counted] == targets[counted])
+                previous = state
             confidence = torch.stack(confidence)  # (L, N)
             correct = torch.stack(correct)  # (L, N)
             layer_correct += correct.sum(1)

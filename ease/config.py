@@ -38,6 +38,8 @@ LAYER_DROPOUT_SHAPES = ("uniform", "linear", "exponential")
 """``layer_dropout_shape``: how the skip probability grows with depth."""
 CURRICULA = ("none", "rotational", "gradual")
 """``exit_curriculum``: which exits each step supervises."""
+EXIT_CRITERIA = ("max_prob", "margin", "saturation", "classifier")
+"""``exit_criterion``: the score an exit compares with its threshold (ease.exits)."""
 
 # ease.training.distributed.DISTRIBUTED_MODES, repeated so that the config imports no torch.distributed.
 _DISTRIBUTED_MODES = ("auto", "ddp", "fsdp", "none")
@@ -82,6 +84,10 @@ class TrainingConfig:
             layer whose top-1 softmax probability reaches it (BranchyNet). In (0, 1];
             ``None`` runs every token at full depth.
         min_exit_layer: no token exits before this layer (1-based).
+        exit_criterion: the score compared with ``routing_threshold``: ``"max_prob"``
+            (the top-1 softmax probability, default), ``"margin"`` (top-1 minus top-2),
+            ``"saturation"`` (cosine of successive hidden states) or ``"classifier"``
+            (a learned exit classifier); see :mod:`ease.exits`.
         weight_decay: AdamW decoupled weight decay on weight matrices (embeddings and
             head included); norm weights and biases are never decayed.
         grad_clip: maximum global gradient norm, or ``None`` for no clipping.
@@ -141,6 +147,7 @@ class TrainingConfig:
     layer_lr_scales: dict[int, float] | None = None
     routing_threshold: float | None = None
     min_exit_layer: int = 1
+    exit_criterion: str = "max_prob"
     weight_decay: float = 0.1
     grad_clip: float | None = 1.0
     betas: tuple[float, float] = (0.9, 0.95)
@@ -174,6 +181,8 @@ class TrainingConfig:
         self.layer_lr_scales = _check_layer_dict("layer_lr_scales", self.layer_lr_scales, positive=True)
         self.routing_threshold = check_threshold("routing_threshold", self.routing_threshold)
         self.min_exit_layer = check_min_exit_layer(self.min_exit_layer)
+        if self.exit_criterion not in EXIT_CRITERIA:
+            raise ValueError(f"exit_criterion must be one of {', '.join(EXIT_CRITERIA)}, got {self.exit_criterion!r}")
         self.weight_decay = check_real("weight_decay", self.weight_decay, 0.0)
         if self.grad_clip is not None:
             self.grad_clip = check_real(

@@ -58,7 +58,7 @@ def evaluate(
     num_layers = model.num_layers
     every_layer = model.trains_every_layer
     if not every_layer:  # untrained intermediate exits: their confidences mean nothing
-        rule = ExitRule(num_layers, None, rule.min_exit_layer)
+        rule = ExitRule(num_layers, None, rule.min_exit_layer, rule.criterion)
     early_exit = rule.threshold is not None
     layers = sorted(
         set(range(1, num_layers + 1)) if every_layer else {num_layers} | {l for l, w in weights.items() if w > 0}
@@ -70,6 +70,7 @@ def evaluate(
     correct = {layer: torch.zeros((), dtype=torch.long, device=device) for layer in layers}
     exit_counts = torch.zeros(num_layers + 1, dtype=torch.long, device=device)
     exit_correct = torch.zeros((), dtype=torch.long, device=device)
+    exit_agree = torch.zeros((), dtype=torch.long, device=device)
     tokens = 0
     count = 0
 
@@ -91,28 +92,36 @@ def evaluate(
                 # (B, T, V) tensor is alive, which matters for large vocabularies.
                 hidden = model.hidden_states(inputs, layers)
             predictions, exits = {}, []
+            # The state before layer 1 (saturation compares each layer with the one before).
+            previous = model.embed(inputs) if early_exit and rule.needs_hidden else None
             for layer in layers:
+                state = hidden.pop(layer)
                 with autocast(device):
-                    logits = model.exit_head(hidden.pop(layer))  # (B, T, V)
+                    logits = model.exit_head(state)  # (B, T, V)
                 ce_sums[layer] += token_sum_cross_entropy(logits, targets).double()
                 # One fused pass gives the prediction and, where a token may exit, the decision.
-                decision = rule.decide(logits, layer)
+                decision = rule.decide(logits, layer, state, previous)
                 correct[layer] += ((decision.prediction == targets) & counted).sum()
                 predictions[layer] = decision.prediction
                 if rule.checks(layer):
                     exits.append(decision.exit)
+                if previous is not None:
+                    previous = state
             if early_exit:
                 exit_layer = rule.first_exit(torch.stack(exits) if exits else counted.new_zeros((0, *counted.shape)))
                 stacked = torch.stack([predictions[layer] for layer in range(1, num_layers + 1)])  # (L, B, T)
                 exit_prediction = stacked.gather(0, (exit_layer - 1)[None]).squeeze(0)
                 exit_counts += torch.bincount(exit_layer[counted], minlength=num_layers + 1)
                 exit_correct += ((exit_prediction == targets) & counted).sum()
+                exit_agree += ((exit_prediction == predictions[num_layers]) & counted).sum()
     finally:
         gathered.close()
         model.train(was_training)
 
     if context.enabled:
-        tokens, exit_correct = _reduce(tokens, ce_sums, correct, exit_counts, exit_correct, context)
+        tokens, exit_correct, exit_agree = _reduce(
+            tokens, ce_sums, correct, exit_counts, torch.stack([exit_correct, exit_agree]), context
+        )
     if count == 0:
         raise ValueError(
             "val_batches yielded no batch (a generator is exhausted after one pass: pass a list or a DataLoader)"
@@ -137,15 +146,39 @@ def evaluate(
     if early_exit:
         counts = exit_counts.tolist()
         mean_exit_layer = sum(layer * counts[layer] for layer in range(1, num_layers + 1)) / tokens
+        # Checks per token: every checked layer up to the exit (a token leaving at l was
+        # checked at min_exit_layer..l; one answered by the last layer at every checked layer).
+        checks = sum(
+            counts[layer] * len([l for l in rule.checked_layers if l <= layer]) for layer in range(1, num_layers + 1)
+        ) / tokens
         result["early_exit"] = {
             "threshold": float(rule.threshold),
             "min_exit_layer": rule.min_exit_layer,
+            "criterion": rule.criterion,
             "accuracy": int(exit_correct) / tokens,
+            "agreement": int(exit_agree) / tokens,
             "exit_fractions": {layer: counts[layer] / tokens for layer in range(1, num_layers + 1)},
             "mean_exit_layer": mean_exit_layer,
             "compute_saved": 1.0 - mean_exit_layer / num_layers,
+            "check_cost": checks * check_cost_in_blocks(model, rule),
         }
     return result
+
+
+def check_cost_in_blocks(model: EarlyExitDecoder, rule: ExitRule) -> float:
+    """The cost of one exit check on one token, in units of one transformer block.
+
+    Counted as multiply-adds per token, which for these layers equal their weight counts:
+    a block's matrices; the exit head's projection (``vocab * dim``) for the criteria read
+    from logits; the classifier's weights for ``"classifier"`` (its prediction, needed only
+    at the exit, is left out); a cosine of two states for ``"saturation"`` (``dim``).
+    """
+    block = sum(p.numel() for p in model.layers[0].parameters() if p.dim() >= 2)
+    if rule.criterion == "saturation":
+        return model.config.dim / block
+    if rule.criterion == "classifier":
+        return rule.classifier.cost_per_token() / block
+    return model.vocab_size * model.config.dim / block
 
 
 def _reduce(
@@ -155,11 +188,12 @@ def _reduce(
     exit_counts: torch.Tensor,
     exit_correct: torch.Tensor,
     context: DistributedContext,
-) -> tuple[int, torch.Tensor]:
+) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Sum the accumulators over ranks in one all-reduce.
 
     Packed in float64, where counts stay exact up to 2**53. ``ce_sums``, ``correct`` and
-    ``exit_counts`` are updated in place; returns ``(tokens, exit_correct)``.
+    ``exit_counts`` are updated in place; ``exit_correct`` holds the early-exit correct and
+    agreeing counts; returns ``(tokens, exit_correct, exit_agree)``.
     """
     layers = list(ce_sums)
     count = len(layers)
@@ -170,7 +204,7 @@ def _reduce(
             torch.stack([ce_sums[layer] for layer in layers]),
             torch.stack([correct[layer] for layer in layers]).double(),
             exit_counts.double(),
-            exit_correct.double().reshape(1),
+            exit_correct.double().reshape(-1),
         ]
     )
     packed = dist_utils.all_reduce_sum(packed, context)
@@ -178,4 +212,4 @@ def _reduce(
         ce_sums[layer] = packed[1 + index]
         correct[layer] = packed[1 + count + index].round().long()
     exit_counts.copy_(packed[1 + 2 * count : 1 + 2 * count + exit_counts.numel()].round().long())
-    return int(packed[0].item()), packed[-1].round().long()
+    return int(packed[0].item()), packed[-2].round().long(), packed[-1].round().long()

@@ -40,14 +40,17 @@ def full_forward_greedy(model, prompt, steps):
 
 
 @torch.no_grad()
-def early_exit_reference(model, prompt, steps, threshold, min_exit_layer=1):
+def early_exit_reference(model, prompt, steps, threshold, min_exit_layer=1, score=None):
     """One row, one position at a time, from the definition, with per-layer key/value lists.
 
     The prompt runs at full depth; its last position and every generated position exit at
     the first layer ``l >= min_exit_layer`` (``l < L``) whose confidence reaches the
     threshold; a position that exits at ``l`` gets keys and values for layers ``j > l``
-    from ``norm_j(h_l)`` through layer ``j``'s own projections.
+    from ``norm_j(h_l)`` through layer ``j``'s own projections. ``score(logits, hidden,
+    previous, layer)`` is the exit criterion's score (default: the top-1 probability).
     """
+    if score is None:
+        score = lambda logits, hidden, previous, layer: ease_kernels.exit_confidence(logits).confidence  # noqa: E731
     num_layers = model.num_layers
     keys = [[] for _ in range(num_layers)]
     values = [[] for _ in range(num_layers)]
@@ -69,6 +72,7 @@ def early_exit_reference(model, prompt, steps, threshold, min_exit_layer=1):
                 keys[index].append(k)
                 values[index].append(v)
                 continue
+            before = x
             q, k, v = kv(block, x, position)
             keys[index].append(k)
             values[index].append(v)
@@ -78,7 +82,7 @@ def early_exit_reference(model, prompt, steps, threshold, min_exit_layer=1):
             x = h + block.ffn(block.ffn_norm(h))
             if decides and choice is None and threshold is not None and min_exit_layer <= layer < num_layers:
                 logits = model.exit_head(x[0, 0])
-                if ease_kernels.exit_confidence(logits).confidence >= threshold:
+                if score(logits, x[0, 0], before[0, 0], layer) >= threshold:
                     choice = (int(logits.argmax()), layer)
                     hidden_at_exit = x
         if decides:

@@ -49,12 +49,14 @@ def run_blocks(
 
 
 def prefill(
-    model: EarlyExitDecoder, prompts: list[torch.Tensor], cache: KVCache, every_layer: bool
+    model: EarlyExitDecoder, prompts: list[torch.Tensor], cache: KVCache, every_layer: bool,
+    with_embedding: bool = False,
 ) -> list[torch.Tensor]:
     """Run the (right-padded) prompts at full depth, filling the cache.
 
     Returns the hidden state ``(B, dim)`` at each row's last prompt position after every
-    block (``every_layer``) or after the last block only.
+    block (``every_layer``) or after the last block only; ``with_embedding`` puts the
+    embedding's state (before block 1) first.
     """
     lengths = [len(p) for p in prompts]
     batch, width = len(prompts), max(lengths)
@@ -65,7 +67,7 @@ def prefill(
     last = torch.tensor(lengths, device=model.device) - 1
     slots = CacheSlots.shared(model, 0, width)
     x = model.embed(ids)  # (B, P, dim); padding after a prompt is never attended to
-    states = []
+    states = [x[rows, last]] if with_embedding else []
     for index in range(model.num_layers):
         x = run_blocks(model, x, slots, cache, index, index + 1)
         if every_layer or index == model.num_layers - 1:
@@ -117,15 +119,22 @@ def first_token(
     """Token and exit layer ``(B,)`` after the prompt, by ``rule`` on the prompt's last states.
 
     ``states`` holds the state after every block when ``rule`` exits early, else after the
-    last block only (see :func:`prefill`).
+    last block only (see :func:`prefill`); a rule that reads hidden states
+    (:attr:`ExitRule.needs_hidden`) also gets the embedding's state first.
     """
     final_logits = model.exit_head(states[-1])  # (B, V)
     if not rule.exits_early:
         layers = torch.full((final_logits.shape[0],), rule.num_layers, dtype=torch.long, device=final_logits.device)
         return sampler.pick(final_logits), layers
     checked = rule.checked_layers
-    logits = model.exit_head(torch.stack(states[checked.start - 1 : checked.stop - 1]))  # (m, B, V)
-    exits = torch.stack([rule.decide(logits[i], layer).exit for i, layer in enumerate(checked)])  # (m, B)
+    offset = 1 if rule.needs_hidden else 0  # states[offset + l - 1] is the state after layer l
+    logits = model.exit_head(torch.stack(states[offset + checked.start - 1 : offset + checked.stop - 1]))  # (m, B, V)
+    exits = torch.stack(
+        [
+            rule.decide(logits[i], layer, states[offset + layer - 1], states[offset + layer - 2] if offset else None).exit
+            for i, layer in enumerate(checked)
+        ]
+    )  # (m, B)
     layers = rule.first_exit(exits)  # (B,)
     exited = layers < rule.num_layers
     rows = torch.arange(logits.shape[1], device=logits.device)
@@ -156,20 +165,27 @@ def early_exit_step(
     spent = 0
     x = model.embed(tokens)[:, None]  # (B, 1, dim)
     for index in range(num_layers):
+        before = x
         x = run_blocks(model, x, slots, cache, index, index + 1)
         spent += x.shape[0]
         layer = index + 1
         if not rule.checks(layer):
             continue
-        logits = model.exit_head(x[:, 0])  # (n, V)
-        decision = rule.decide(logits, layer)
+        if rule.needs_hidden:
+            # Saturation and the classifier decide from hidden states: the exit head's
+            # logits are computed for the rows that leave only.
+            decision = rule.decide(None, layer, x[:, 0], before[:, 0])
+            logits = None
+        else:
+            logits = model.exit_head(x[:, 0])  # (n, V)
+            decision = rule.decide(logits, layer)
         exits = decision.exit
         leaving_count = int(exits.sum())  # the step's one host synchronisation per layer
         if leaving_count == 0:
             continue
         if leaving_count == exits.shape[0]:
             propagate(cache, x[:, 0], layer, slots)
-            token = sampler.pick(logits, decision.prediction)
+            token = sampler.pick(model.exit_head(x[:, 0]) if logits is None else logits, decision.prediction)
             if active is None:
                 return token, exit_layers.fill_(layer), spent
             next_tokens[active] = token
@@ -180,7 +196,10 @@ def early_exit_step(
         leaving = exits.nonzero().squeeze(1)
         propagate(cache, x[leaving, 0], layer, slots.select(leaving))
         rows = active[leaving]
-        next_tokens[rows] = sampler.pick(logits[leaving], decision.prediction[leaving])
+        if logits is None:
+            next_tokens[rows] = sampler.pick(model.exit_head(x[leaving, 0]))
+        else:
+            next_tokens[rows] = sampler.pick(logits[leaving], decision.prediction[leaving])
         exit_layers[rows] = layer
         staying = (~exits).nonzero().squeeze(1)
         x, active, slots = x[staying], active[staying], slots.select(staying)
@@ -211,7 +230,7 @@ def generate_early_exit(
     cache = KVCache.for_model(model, batch, longest + max_new_tokens - 1)
     new_tokens = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
     exit_layers = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
-    states = prefill(model, prompts, cache, every_layer=rule.exits_early)
+    states = prefill(model, prompts, cache, every_layer=rule.exits_early, with_embedding=rule.exits_early and rule.needs_hidden)
     new_tokens[:, 0], exit_layers[:, 0] = first_token(model, states, rule, sampler)
     propagate = StatePropagation(model) if rule.exits_early else None
     same_length = len(set(lengths)) == 1

@@ -346,6 +346,7 @@ class Trainer:
         val_batches: Iterable[Batch],
         routing_threshold: float | None = None,
         min_exit_layer: int | None = None,
+        exit_criterion: str | None = None,
     ) -> dict[str, Any]:
         """Loss, perplexity, accuracy and early-exit statistics on ``val_batches``.
 
@@ -353,9 +354,10 @@ class Trainer:
         Every statistic is token-weighted over all batches: sums over non-ignored
         targets, divided once at the end.
 
-        Early exit: a token exits at the first layer ``l >= min_exit_layer`` whose
-        ``ease_kernels.exit_confidence(logits_l, threshold).exit`` is True (top-1 softmax
-        probability ``>= threshold``); the last layer answers every token left. The
+        Early exit: a token exits at the first layer ``l >= min_exit_layer`` whose exit
+        score (``exit_criterion``; the top-1 softmax probability by default, read by
+        ``ease_kernels.exit_confidence``) reaches the threshold; the last layer answers
+        every token left (:class:`ease.exits.ExitRule`). The
         statistics are measured by computing every layer's logits, so
         ``compute_saved = 1 - mean_exit_layer / num_layers`` is the fraction of blocks an
         exiting inference would skip, not a timing. A model that does not support early
@@ -374,6 +376,8 @@ class Trainer:
             val_batches: re-iterable of batches, as for :meth:`train_epoch`.
             routing_threshold: exit threshold in (0, 1]; default ``config.routing_threshold``.
             min_exit_layer: earliest exit layer; default ``config.min_exit_layer``.
+            exit_criterion: the exit score (:data:`ease.exits.EXIT_CRITERIA`); default
+                ``config.exit_criterion``.
 
         Returns:
             ``{"loss", "ppl", "accuracy", "objective", "tokens"}``: the final layer's mean
@@ -382,8 +386,13 @@ class Trainer:
             count of non-ignored targets. A model supporting early exit adds ``"layers"``:
             ``{l: {"loss", "ppl", "accuracy"}}`` for every layer ``1..num_layers``; with a
             threshold it adds ``"early_exit"``: ``{"threshold", "min_exit_layer",
-            "accuracy", "exit_fractions": {l: fraction}`` (every layer, summing to 1)
-            ``, "mean_exit_layer", "compute_saved"}``.
+            "criterion", "accuracy", "agreement", "exit_fractions": {l: fraction}`` (every
+            layer, summing to 1) ``, "mean_exit_layer", "compute_saved",
+            "check_cost"}``: ``agreement`` is the fraction of tokens whose early-exit
+            prediction equals the last layer's; ``check_cost`` the mean cost of the exit
+            checks per token in units of one block (the exit head's projection for the
+            logit criteria, the classifier for ``"classifier"``), which ``compute_saved``
+            leaves out.
 
         Raises:
             ValueError: ``val_batches`` yields no batch or no target token; a threshold
@@ -394,6 +403,7 @@ class Trainer:
             model,
             self.config.routing_threshold if routing_threshold is None else routing_threshold,
             self.config.min_exit_layer if min_exit_layer is None else min_exit_layer,
+            self.config.exit_criterion if exit_criterion is None else exit_criterion,
         )
         return evaluation.evaluate(model, wrapped, val_batches, weights, rule, self.distributed, self.vocab_size)
 
