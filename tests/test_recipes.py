@@ -324,3 +324,39 @@ def test_epoch_run_with_a_schedule_resumes_bit_for_bit(tmp_path: Path) -> None:
         run(tmp_path / "resumed", kill_after_epoch=2)
     resumed = run(tmp_path / "resumed")
     assert all(torch.equal(resumed[name], straight[name]) for name in straight)
+
+
+def test_resumed_run_logs_each_step_once(tmp_path: Path) -> None:
+    def run(kill_at_step: int | None = None) -> None:
+        torch.manual_seed(0)
+        model = tiny()
+        trainer = Trainer(config(max_steps=8, eval_every=4, log_dir=str(tmp_path), log_every=1,
+                                 checkpoint_dir=str(tmp_path / "ckpt"), resume=True), VOCAB)  # fmt: skip
+        optimizer = trainer.create_optimizer(model, 3e-3)
+        if kill_at_step is not None:
+            count = trainer.count_step
+
+            def count_then_die(figures):
+                count(figures)
+                if trainer.progress.step == kill_at_step:
+                    raise Killed  # steps 5 and 6 were logged after the checkpoint of step 4
+
+            trainer.count_step = count_then_die  # type: ignore[method-assign]
+        trainer.train_with_early_stopping(model, batches(5), batches(1, seed=1), optimizer, max_epochs=5)
+
+    with pytest.raises(Killed):
+        run(kill_at_step=6)
+    run()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]  # fmt: skip
+    assert steps == list(range(1, 9))
+
+
+def test_token_budget_sets_the_schedule_horizon() -> None:
+    from ease.training.early_stopping import planned_steps
+
+    data = batches(10)  # 32 target tokens a batch
+    assert planned_steps(config(max_tokens=100), data, max_epochs=5) == 4
+    assert planned_steps(config(max_tokens=10_000), data, max_epochs=5) == 50
+    assert planned_steps(config(max_steps=7, max_tokens=100), data, max_epochs=5) == 7
+    assert planned_steps(config(), iter(data), max_epochs=5) is None

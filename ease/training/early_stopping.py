@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from ease.data import Batch
+from ease.config import TrainingConfig
+from ease.data import IGNORE_INDEX, Batch, split_batch
 from ease.models import EarlyExitDecoder
 from ease.training import distributed as dist_utils
 from ease.training import loop
@@ -90,6 +91,26 @@ def check_writable_directory(name: str, directory: Path) -> None:
         ) from error
 
 
+def planned_steps(config: TrainingConfig, train_batches: Iterable[Batch], max_epochs: int) -> int | None:
+    """The optimiser steps a run plans: what a decaying schedule and the gradual curriculum span.
+
+    ``max_steps`` when set; else, under a token budget, the steps that budget takes at the
+    first batch's token count; capped by (or else) ``max_epochs * len(train_batches)``;
+    None when neither is known (a generator of batches without a step budget).
+    """
+    if config.max_steps is not None:
+        return config.max_steps
+    by_epochs = max_epochs * len(train_batches) if hasattr(train_batches, "__len__") else None
+    if config.max_tokens is not None:
+        first = next(iter(train_batches), None)
+        if first is not None:
+            _, targets = split_batch(first)
+            per_step = max(int((targets != IGNORE_INDEX).sum()), 1)
+            by_tokens = -(-config.max_tokens // per_step)  # ceiling: the step that reaches the budget
+            return by_tokens if by_epochs is None else min(by_tokens, by_epochs)
+    return by_epochs
+
+
 def train_with_early_stopping(
     trainer: Trainer,
     model: EarlyExitDecoder,
@@ -123,10 +144,7 @@ def train_with_early_stopping(
     verbose_here = verbose and context.is_main
     if verbose_here and resume_from is not None:
         tqdm.write(f"resumed from {resume_from} after epoch {progress.epoch} (step {progress.step})")
-    sized = hasattr(train_batches, "__len__")
-    trainer.horizon = config.max_steps if config.max_steps is not None else (
-        max_epochs * len(train_batches) if sized else None
-    )
+    trainer.horizon = planned_steps(config, train_batches, max_epochs)
     if config.uses_step_budget:
         return _train_by_steps(
             trainer, model, train_batches, val_batches, optimizer, max_epochs, patience, verbose, min_delta,

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLog"]
+__all__ = ["MetricsLog", "discard_after"]
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -29,6 +29,37 @@ METRICS_NAME = "metrics.jsonl"
 def _finite(value: float) -> float | None:
     # JSON has no NaN or infinity: a non-finite figure is written as null.
     return value if math.isfinite(value) else None
+
+
+def discard_after(log_dir: str | os.PathLike, step: int) -> int:
+    """Drop the lines of ``log_dir/metrics.jsonl`` written after optimiser step ``step``.
+
+    A run resumed from the checkpoint of ``step`` trains the later steps again and logs
+    them again; without this the file would hold them twice. Rewritten atomically; a
+    torn last line (a run killed mid-write) is dropped too.
+
+    Returns:
+        The number of lines dropped (0 when there is no file).
+    """
+    from ease._io import atomic_write_text
+
+    path = Path(log_dir) / METRICS_NAME
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return dropped
 
 
 class MetricsLog:

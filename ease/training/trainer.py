@@ -39,7 +39,7 @@ from ease.training.checkpoint import save_checkpoint as _save_checkpoint
 from ease.training.curriculum import ExitCurriculum
 from ease.training.early_stopping import EarlyStoppingResult
 from ease.training.layer_dropout import LayerDropout
-from ease.training.metrics import MetricsLog
+from ease.training.metrics import MetricsLog, discard_after
 from ease.training.schedule import LRSchedule
 from ease.validation import check_int
 
@@ -595,6 +595,12 @@ class Trainer:
             path, model, optimizer, context=self.distributed, generators=self._generators, restore_rng=restore_rng
         )
         self._tokens_seen = self.progress.position["tokens"] if self.progress.position else 0
+        if self.config.log_dir is not None and self.distributed.is_main:
+            # The steps after the checkpoint are trained, and logged, again.
+            if self._metrics is not None:
+                self._metrics.close()
+                self._metrics = None
+            discard_after(self.config.log_dir, self.progress.step)
         if chosen is not None:
             # The optimiser's state dict carries the checkpoint's learning rates; the
             # optimiser given was built with this run's base_lr and layer_lr_scales.
