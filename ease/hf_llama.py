@@ -41,10 +41,14 @@ import torch
 
 import ease_kernels
 from ease._io import atomic_path, atomic_write_text
-from ease.models import DeepSupervisionTransformer, EarlyExitDecoder, StandardTransformer
+from ease.models import DeepSupervisionTransformer, EarlyExitDecoder, StandardTransformer, _exit_settings_from
 from ease.validation import check_bool, check_int
 
 HF_ARCHITECTURE = "LlamaForCausalLM"
+EXIT_SETTINGS_KEY = "ease_early_exit"
+"""The ``config.json`` key of an exported model's :class:`~ease.models.ExitSettings` (namespaced:
+Hugging Face ignores it, :func:`from_hf_llama` restores it as ``model.exit_settings``)."""
+GENERATION_CONFIG_NAME = "generation_config.json"
 HF_MODEL_TYPE = "llama"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -523,6 +527,8 @@ def from_hf_llama(
     left = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
     if left:
         raise RuntimeError(f"from_hf_llama left tensors uninitialised: {left}")
+    if config.get(EXIT_SETTINGS_KEY) is not None:  # a model exported by to_hf_llama
+        model.exit_settings = _exit_settings_from(config[EXIT_SETTINGS_KEY], model.num_layers, f"{label}: {EXIT_SETTINGS_KEY}")
     return model.eval()
 
 
@@ -578,6 +584,15 @@ def to_hf_llama(
     model's last-layer logits; the early exits are not part of a Llama checkpoint (they
     need no weights of their own: every exit reuses the final norm and head).
 
+    ``model.exit_settings`` travel under the ``config.json`` key ``"ease_early_exit"``
+    (:data:`EXIT_SETTINGS_KEY`), which :func:`from_hf_llama` restores. When they hold a
+    draft depth ``E`` (``draft_layers``), ``generation_config.json`` is written too, with
+    ``assistant_early_exit: E``: transformers' own LayerSkip-style self-speculative
+    decoding, which drafts with the first ``E`` layers, the final norm and ``lm_head``
+    (ease's exit head) and verifies with the whole model, so greedy output equals
+    full-depth greedy output. transformers runs assisted generation one sequence at a
+    time; pass ``assistant_early_exit=None`` to ``generate`` for a batch.
+
     Args:
         model: a :class:`~ease.models.StandardTransformer` or
             :class:`~ease.models.DeepSupervisionTransformer`.
@@ -604,6 +619,23 @@ def to_hf_llama(
         save_file(state, str(tmp), metadata={"format": "pt"})
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())  # on disk before the rename publishes it
+    settings = model.exit_settings
+    config[EXIT_SETTINGS_KEY] = settings.to_dict()
+    generation_path = directory / GENERATION_CONFIG_NAME
+    try:
+        generation = json.loads(generation_path.read_text(encoding="utf-8")) if generation_path.is_file() else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        generation = None  # not ours to repair; replaced below only if a draft depth is to be written
+    if not isinstance(generation, dict):
+        generation = None
+    if settings.draft_layers is not None:
+        generation = generation or {key: config.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        generation["assistant_early_exit"] = settings.draft_layers
+        atomic_write_text(generation_path, json.dumps(generation, indent=2, sort_keys=True) + "\n")
+    elif generation is not None and "assistant_early_exit" in generation:
+        # An earlier export's draft depth, which this model's settings no longer hold.
+        del generation["assistant_early_exit"]
+        atomic_write_text(generation_path, json.dumps(generation, indent=2, sort_keys=True) + "\n")
     atomic_write_text(directory / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     return directory
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -23,14 +23,25 @@ from torch import nn
 
 import ease_kernels
 from ease._io import atomic_path, atomic_write_text
+from ease.exit_classifier import ExitClassifier
 from ease.modules import ExitHead, TransformerBlock
-from ease.validation import check_bool, check_int, check_layers, check_real
+from ease.validation import (
+    ArgumentTypeError,
+    check_bool,
+    check_int,
+    check_layers,
+    check_min_exit_layer,
+    check_real,
+    check_threshold,
+)
 
 if TYPE_CHECKING:
+    from ease.calibration import CalibrationResult
     from ease.generation import GenerationOutput
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_NAME = "tokenizer.json"
 
 
 @dataclass
@@ -50,6 +61,9 @@ class ModelConfig:
         norm_eps: RMSNorm epsilon.
         dropout: dropout on embeddings, attention and residual branches in training.
         tie_embeddings: share the token embedding with the output projection.
+        exit_classifier_dim: the width of the learned exit classifier
+            (:class:`ease.exit_classifier.ExitClassifier`), or None for none; set by
+            :func:`ease.train_exit_classifier`.
     """
 
     vocab_size: int
@@ -64,6 +78,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     dropout: float = 0.0
     tie_embeddings: bool = True
+    exit_classifier_dim: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "num_layers", "max_seq_len"):
@@ -93,6 +108,8 @@ class ModelConfig:
         self.norm_eps = check_real("norm_eps", self.norm_eps, 0.0, expected="a finite number >= 0")
         self.rope_theta = check_real("rope_theta", self.rope_theta, 0.0, above=True, expected="a finite number > 0")
         self.tie_embeddings = check_bool("tie_embeddings", self.tie_embeddings)
+        if self.exit_classifier_dim is not None:
+            self.exit_classifier_dim = check_int("exit_classifier_dim", self.exit_classifier_dim, 1)
         _check_rope_scaling(self.rope_scaling)
 
     @property
@@ -135,6 +152,146 @@ def _check_rope_scaling(scaling: object) -> None:
         "rope_scaling['original_max_position_embeddings']",
         scaling.get("original_max_position_embeddings", 8192), 1, expected="a positive integer",
     )  # fmt: skip
+
+
+class _Unset:
+    """The default of ``generate``'s arguments that :class:`ExitSettings` may supply."""
+
+    _instance: ClassVar[_Unset | None] = None
+
+    def __new__(cls) -> _Unset:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+    def __reduce__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+"""Not given: ``generate`` takes the value from the model's :class:`ExitSettings`."""
+
+_CALIBRATION_KEYS = ("threshold", "max_accuracy_drop", "num_tokens", "full_depth_accuracy")
+
+
+@dataclass(frozen=True)
+class ExitSettings:
+    """The early-exit settings a model carries: the defaults of its ``generate``.
+
+    Saved by ``save_pretrained`` (the ``"early_exit"`` object of ``config.json``) and
+    ``to_hf_llama`` (its ``config.json`` key ``"ease_early_exit"``), restored by
+    ``from_pretrained`` and ``from_hf_llama`` as ``model.exit_settings``. ``generate``
+    uses them for the arguments it is not given (see :func:`ease.generation.generate`).
+    ``ExitSettings()`` (every field unset) changes nothing: full depth.
+
+    Attributes:
+        routing_threshold: the default routing threshold, in (0, 1], or None.
+        min_exit_layer: the default earliest exit layer (>= 1; at most ``num_layers``).
+        exit_criterion: the confidence the threshold is compared with; ``"max_prob"``
+            (the exit head's top-1 softmax probability) is the one ease computes today.
+            Stored as a string so that files with criteria added later keep loading.
+        draft_layers: the default draft depth of self-speculative decoding
+            (``1 <= E < num_layers``), or None.
+        calibration: what :func:`ease.calibrate_threshold` found, summarised:
+            ``{"threshold", "max_accuracy_drop", "num_tokens", "full_depth_accuracy"}``,
+            or None.
+
+    Raises:
+        ValueError: a field out of range (an :class:`~ease.validation.ArgumentTypeError`
+            for one of the wrong type), named as the argument it is the default of.
+    """
+
+    routing_threshold: float | None = None
+    min_exit_layer: int = 1
+    exit_criterion: str = "max_prob"
+    draft_layers: int | None = None
+    calibration: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: store the checked (plain Python) values
+        set_(self, "routing_threshold", check_threshold("routing_threshold", self.routing_threshold))
+        set_(self, "min_exit_layer", check_min_exit_layer(self.min_exit_layer))
+        if not isinstance(self.exit_criterion, str) or not self.exit_criterion:
+            raise ArgumentTypeError(f"exit_criterion must be a non-empty string, got {self.exit_criterion!r}")
+        if self.draft_layers is not None:
+            set_(self, "draft_layers", check_int("draft_layers", self.draft_layers, 1,
+                                                 expected="an integer >= 1 or None"))
+        if self.calibration is not None:
+            set_(self, "calibration", _check_calibration(self.calibration))
+
+    def check_for(self, num_layers: int) -> ExitSettings:
+        """``self`` after checking the layer numbers against a model of ``num_layers`` layers.
+
+        Raises:
+            ValueError: ``min_exit_layer > num_layers`` or ``draft_layers >= num_layers``.
+        """
+        check_min_exit_layer(self.min_exit_layer, num_layers)
+        if self.draft_layers is not None:
+            check_int("draft_layers", self.draft_layers, 1, num_layers - 1)
+        return self
+
+    @classmethod
+    def from_calibration(
+        cls, calibration: CalibrationResult, draft_layers: int | None = None, exit_criterion: str = "max_prob"
+    ) -> ExitSettings:
+        """Settings whose threshold is the calibrated one (None when none qualified)."""
+        return cls(
+            routing_threshold=calibration.threshold,
+            min_exit_layer=calibration.min_exit_layer,
+            exit_criterion=exit_criterion,
+            draft_layers=draft_layers,
+            calibration={
+                "threshold": calibration.threshold,
+                "max_accuracy_drop": calibration.max_accuracy_drop,
+                "num_tokens": calibration.num_tokens,
+                "full_depth_accuracy": calibration.full_depth_accuracy,
+            },
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, value: object, source: str = "early_exit") -> ExitSettings:
+        """Settings from :meth:`to_dict`'s output; errors name ``source`` and the key.
+
+        Raises:
+            ValueError: not a dict, an unknown key, or a value the constructor refuses.
+        """
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{source} must be a JSON object of exit settings, got {value!r}")
+        known = [field.name for field in dataclasses.fields(cls)]
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {unknown}; exit settings have {known}")
+        try:
+            return cls(**value)
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from error
+
+
+def _check_calibration(value: object) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ArgumentTypeError(f"calibration must be a dict with keys {list(_CALIBRATION_KEYS)} or None, got {value!r}")
+    unknown = sorted(set(value) - set(_CALIBRATION_KEYS))
+    if unknown:
+        raise ValueError(f"calibration: unknown key(s) {unknown}; expected {list(_CALIBRATION_KEYS)}")
+    checked: dict[str, Any] = {}
+    if "threshold" in value:
+        checked["threshold"] = check_threshold("calibration['threshold']", value["threshold"])
+    if "max_accuracy_drop" in value:
+        checked["max_accuracy_drop"] = check_real("calibration['max_accuracy_drop']", value["max_accuracy_drop"], 0.0, 1.0)
+    if "num_tokens" in value:
+        checked["num_tokens"] = check_int("calibration['num_tokens']", value["num_tokens"], 0)
+    if "full_depth_accuracy" in value:
+        checked["full_depth_accuracy"] = check_real(
+            "calibration['full_depth_accuracy']", value["full_depth_accuracy"], 0.0, 1.0
+        )
+    return checked
 
 
 # Before the exit head was a module of its own, its parameters were the model's "norm.*"
@@ -189,7 +346,28 @@ class EarlyExitDecoder(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
+        # After reset_parameters: the classifier keeps its own initialisation, and a model
+        # without one draws exactly the random numbers it always did.
+        self.exit_classifier: ExitClassifier | None = None
+        if config.exit_classifier_dim is not None:
+            self.attach_exit_classifier(config.exit_classifier_dim)
         self._register_load_state_dict_pre_hook(_rename_legacy_head_keys)
+        self.exit_settings = ExitSettings()
+
+    @property
+    def exit_settings(self) -> ExitSettings:
+        """The :class:`ExitSettings` ``generate`` takes its unset arguments from (saved with the model).
+
+        Assigning checks the layer numbers against the model; ``ExitSettings()`` clears them.
+        """
+        return self._exit_settings
+
+    @exit_settings.setter
+    def exit_settings(self, settings: ExitSettings) -> None:
+        if not isinstance(settings, ExitSettings):
+            raise ArgumentTypeError(f"exit_settings must be an ExitSettings, got {type(settings).__name__}")
+        # object.__setattr__: a plain attribute, never a submodule or buffer.
+        object.__setattr__(self, "_exit_settings", settings.check_for(self.num_layers))
 
     # -- construction ---------------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -214,6 +392,18 @@ class EarlyExitDecoder(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed.weight.device
+
+    def attach_exit_classifier(self, hidden: int = 64) -> ExitClassifier:
+        """Give the model a fresh :class:`~ease.exit_classifier.ExitClassifier` of width ``hidden``.
+
+        It is saved and loaded with the model (``config.exit_classifier_dim``); train it
+        with :func:`ease.train_exit_classifier`.
+        """
+        self.config.exit_classifier_dim = check_int("hidden", hidden, 1)
+        self.exit_classifier = ExitClassifier(self.config.dim, self.num_layers, hidden, self.config.norm_eps).to(
+            self.device
+        )
+        return self.exit_classifier
 
     @property
     def norm(self) -> nn.Module:
@@ -306,7 +496,7 @@ class EarlyExitDecoder(nn.Module):
         self,
         input_ids: torch.Tensor | Sequence[Sequence[int] | torch.Tensor] | Sequence[int],
         max_new_tokens: int,
-        routing_threshold: float | None = None,
+        routing_threshold: Any = UNSET,
         temperature: float = 0.0,
         top_k: int | None = None,
         **kwargs: Any,
@@ -315,7 +505,9 @@ class EarlyExitDecoder(nn.Module):
 
         ``routing_threshold`` (in (0, 1]) exits each token at the first layer
         ``>= min_exit_layer`` whose exit-head confidence reaches it and skips the deeper
-        blocks; ``draft_layers=E`` decodes self-speculatively (lossless). Keyword options
+        blocks; ``draft_layers=E`` decodes self-speculatively (lossless). Left unset,
+        ``routing_threshold``, ``min_exit_layer`` and ``draft_layers`` come from
+        :attr:`exit_settings`; ``routing_threshold=None`` runs at full depth. Keyword options
         (``min_exit_layer``, ``draft_layers``, ``num_draft_tokens``, ``draft_threshold``,
         ``attention_mask``, ``seed``, ``generator``, ``pad_token_id``) and errors: see
         :func:`ease.generation.generate`.
@@ -330,8 +522,14 @@ class EarlyExitDecoder(nn.Module):
         return generate(self, input_ids, max_new_tokens, routing_threshold, temperature, top_k, **kwargs)
 
     # -- persistence ----------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``model.safetensors``, then ``config.json``, into ``directory``.
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None) -> Path:
+        """Write ``model.safetensors`` (and ``tokenizer.json``), then ``config.json``, into ``directory``.
+
+        ``config.json`` holds the model class, its :class:`ModelConfig`, the weights'
+        checksum and, under ``"early_exit"``, :attr:`exit_settings`. With ``tokenizer`` (a
+        ``tokenizers.Tokenizer``, such as ``load_data(...).tokenizer``, or a Hugging Face
+        fast tokenizer) it is saved as ``tokenizer.json`` beside the weights, where
+        ``ease-generate`` and the lm-eval model look for it.
 
         Each file is written to a temporary name in the directory, flushed to disk and
         renamed, so an interrupted save never leaves a half-written file under the real
@@ -349,10 +547,13 @@ class EarlyExitDecoder(nn.Module):
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())  # on disk before the rename publishes it
             digest = _sha256(tmp)
+        if tokenizer is not None:
+            atomic_write_text(directory / TOKENIZER_NAME, _tokenizer_json(tokenizer))
         payload = {
             "model_class": type(self).__name__,
             "config": dataclasses.asdict(self.config),
             "weights_sha256": digest,
+            "early_exit": self.exit_settings.to_dict(),
         }
         atomic_write_text(directory / CONFIG_NAME, json.dumps(payload, indent=2))
         return directory
@@ -414,8 +615,29 @@ class EarlyExitDecoder(nn.Module):
                     "the two files; save the model again"
                 )
         _check_floating_tensors(weights_path)  # reads the header: an unreadable file fails here
+        if "early_exit" in payload:  # folders saved before exit settings were recorded have none
+            model.exit_settings = _exit_settings_from(payload["early_exit"], model.num_layers, f"{config_path}: early_exit")
         load_model(model, str(weights_path), strict=True, device=str(map_location))
         return model.to(map_location)
+
+
+def _exit_settings_from(value: object, num_layers: int, source: str) -> ExitSettings:
+    """:class:`ExitSettings` read from a file, checked against the model; errors name ``source``."""
+    settings = ExitSettings.from_dict(value, source)
+    try:
+        return settings.check_for(num_layers)
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from error
+
+
+def _tokenizer_json(tokenizer: Any) -> str:
+    """The ``tokenizer.json`` text of a ``tokenizers.Tokenizer`` or a Hugging Face fast tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)  # transformers' fast tokenizers wrap one
+    if not callable(getattr(backend, "to_str", None)):
+        raise ArgumentTypeError(
+            f"tokenizer must be a tokenizers.Tokenizer (or a Hugging Face fast tokenizer), got {type(tokenizer).__name__}"
+        )
+    return backend.to_str()
 
 
 def _sha256(path: Path) -> str:

@@ -444,3 +444,81 @@ def test_missing_files_are_named(tmp_path):
 def test_importing_ease_does_not_import_transformers():
     code = "import sys, ease, ease_kernels; assert 'transformers' not in sys.modules, 'imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+# -- exit settings travel through the export; transformers' own self-speculation ----------
+from ease.models import ExitSettings  # noqa: E402
+
+EXPORT_SETTINGS = ExitSettings(
+    routing_threshold=0.4, min_exit_layer=2, draft_layers=1,
+    calibration={"threshold": 0.4, "max_accuracy_drop": 0.02, "num_tokens": 64, "full_depth_accuracy": 0.3},
+)  # fmt: skip
+
+
+def wide_ease_model(seed=0):
+    """Wide random weights (std 0.3): greedy choices are not decided by rounding."""
+    torch.manual_seed(seed)
+    model = DeepSupervisionTransformer(VOCAB, 32, 3, max_seq_len=64)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                param.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def test_exit_settings_travel_through_to_hf_llama(tmp_path):
+    model = wide_ease_model()
+    model.exit_settings = EXPORT_SETTINGS
+    to_hf_llama(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["ease_early_exit"] == EXPORT_SETTINGS.to_dict()
+    assert json.loads((tmp_path / "generation_config.json").read_text())["assistant_early_exit"] == 1
+    assert from_hf_llama(tmp_path).exit_settings == EXPORT_SETTINGS
+    hf = LlamaForCausalLM.from_pretrained(tmp_path)
+    assert hf.generation_config.assistant_early_exit == 1
+    assert from_hf_llama(hf).exit_settings == EXPORT_SETTINGS  # in memory, through config.to_dict()
+    # Exported again without a draft depth: the old one is taken out of generation_config.json.
+    model.exit_settings = ExitSettings(routing_threshold=0.4)
+    to_hf_llama(model, tmp_path)
+    assert "assistant_early_exit" not in json.loads((tmp_path / "generation_config.json").read_text())
+    assert from_hf_llama(tmp_path).exit_settings == ExitSettings(routing_threshold=0.4)
+
+
+def test_bad_exported_exit_settings_are_named(tmp_path):
+    to_hf_llama(wide_ease_model(), tmp_path)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    config["ease_early_exit"]["draft_layers"] = 3
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="ease_early_exit: draft_layers must be an integer in 1..2"):
+        from_hf_llama(tmp_path)
+
+
+@pytest.mark.parametrize("draft_layers", [1, 2])
+def test_transformers_assistant_early_exit_matches_ease_self_speculation(tmp_path, draft_layers, monkeypatch):
+    """HF's LayerSkip-style drafts run the first E layers, then model.norm and lm_head: ease's
+    exit head. Verification is lossless, so its greedy tokens are full-depth greedy's either way."""
+    from transformers.generation import candidate_generator
+
+    model = wide_ease_model()
+    model.exit_settings = ExitSettings(draft_layers=draft_layers)
+    to_hf_llama(model, tmp_path)
+    hf = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    drafted = []
+    original = candidate_generator.EarlyExitCandidateGenerator.get_candidates
+
+    def counting(self, *args, **kwargs):
+        drafted.append(self.assistant_early_exit)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(candidate_generator.EarlyExitCandidateGenerator, "get_candidates", counting)
+    prompt = torch.tensor([[5, 9, 11, 2, 40, 33]])
+    new = 24
+    full = model.generate(prompt, new, routing_threshold=None).tokens
+    spec = model.generate(prompt, new, draft_layers=draft_layers)
+    assert torch.equal(spec.tokens, full) and spec.draft_tokens > 0
+    with torch.no_grad():
+        hf_tokens = hf.generate(prompt, max_new_tokens=new, do_sample=False, assistant_early_exit=draft_layers)
+        stored = hf.generate(prompt, max_new_tokens=new, do_sample=False)  # from generation_config.json
+    assert drafted and set(drafted) == {draft_layers}
+    assert hf_tokens.tolist() == full.tolist() == stored.tolist()

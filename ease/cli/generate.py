@@ -5,8 +5,9 @@
 
 Loads a folder written by ``save_pretrained`` and a tokenizer (``tokenizer.json`` in that
 folder unless ``--tokenizer`` names one), generates with early exit (``--threshold``),
-self-speculation (``--draft-layers``) or at full depth (neither), and prints the text and
-the mean exit layer. ``--prompt-ids`` takes token ids instead of text and needs no
+self-speculation (``--draft-layers``) or at full depth (``--full-depth``), and prints the
+text and the mean exit layer. Options left out take the model's saved exit settings
+(``model.exit_settings``); a model saved without any runs at full depth. ``--prompt-ids`` takes token ids instead of text and needs no
 tokenizer.
 """
 
@@ -19,9 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from ease.models import load_model
-
-TOKENIZER_NAME = "tokenizer.json"
+from ease.generation.api import exit_arguments
+from ease.models import TOKENIZER_NAME, UNSET, load_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,10 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", default=None,
                         help=f"a tokenizers JSON file (default: {TOKENIZER_NAME} in the model folder)")
     parser.add_argument("--threshold", type=float, default=None,
-                        help="routing threshold in (0, 1] for confident early exit (default: full depth)")
-    parser.add_argument("--min-exit-layer", type=int, default=1, help="no token exits before this layer")
+                        help="routing threshold in (0, 1] for confident early exit (default: the model's "
+                             "saved setting, else full depth)")
+    parser.add_argument("--min-exit-layer", type=int, default=None,
+                        help="no token exits before this layer (default: the model's saved setting, else 1)")
     parser.add_argument("--draft-layers", type=int, default=None,
-                        help="self-speculative decoding with this many draft layers (lossless)")
+                        help="self-speculative decoding with this many draft layers (lossless; default: the "
+                             "model's saved setting when it has no threshold)")
+    parser.add_argument("--full-depth", action="store_true",
+                        help="ignore the model's saved early-exit settings: every token runs every layer")
     parser.add_argument("--num-draft-tokens", type=int, default=4, help="tokens drafted per verification")
     parser.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate (default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -83,17 +88,27 @@ def main(argv: list[str] | None = None) -> int:
         if args.prompt is not None or args.tokenizer is not None:
             tokenizer = _load_tokenizer(Path(args.model), args.tokenizer)
         prompt_ids = tokenizer.encode(args.prompt).ids if args.prompt is not None else _parse_ids(args.prompt_ids)
+        # Options left out take the model's saved exit settings (see ease.generation.generate).
+        options = {}
+        if args.full_depth:
+            if args.threshold is not None or args.draft_layers is not None:
+                raise ValueError("--full-depth excludes --threshold and --draft-layers")
+            options["routing_threshold"] = None
+        if args.threshold is not None:
+            options["routing_threshold"] = args.threshold
+        if args.draft_layers is not None:
+            options["draft_layers"] = args.draft_layers
+        if args.min_exit_layer is not None:
+            options["min_exit_layer"] = args.min_exit_layer
         start = time.perf_counter()
         out = model.generate(
             [prompt_ids],
             args.max_new_tokens,
-            routing_threshold=args.threshold,
             temperature=args.temperature,
             top_k=args.top_k,
-            min_exit_layer=args.min_exit_layer,
-            draft_layers=args.draft_layers,
             num_draft_tokens=args.num_draft_tokens,
             seed=args.seed,
+            **options,
         )
         seconds = time.perf_counter() - start
     except (FileNotFoundError, ValueError, TypeError) as error:
@@ -111,7 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         "num_layers": out.num_layers,
         "tokens_per_second": len(new_ids) / seconds if seconds > 0 else None,
     }
-    if args.draft_layers is not None:
+    _, _, draft_layers = exit_arguments(
+        model, options.get("routing_threshold", UNSET), UNSET, options.get("draft_layers", UNSET)
+    )
+    speculative = draft_layers is not None
+    if speculative:
         report["acceptance_rate"] = _finite_or_none(out.acceptance_rate)
     if args.json:
         print(json.dumps(report, allow_nan=False))
@@ -123,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  layer {layer:>2}  {piece!r}")
     line = f"mean exit layer: {out.mean_exit_layer:.2f} of {out.num_layers}"
     line += f" ({len(new_ids)} tokens, {report['tokens_per_second']:.1f} tokens/s"
-    if args.draft_layers is not None:
+    if speculative:
         line += f", draft acceptance {out.acceptance_rate:.0%}"
     print(line + ")")
     return 0

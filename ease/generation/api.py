@@ -12,12 +12,13 @@ from ease.generation.early_exit import generate_early_exit
 from ease.generation.output import GenerationOutput
 from ease.generation.sampling import Sampler
 from ease.generation.speculative import generate_speculative
+from ease.models import UNSET, ExitSettings
 from ease.validation import ArgumentTypeError, check_int, check_real, check_threshold, is_int
 
 if TYPE_CHECKING:
     from ease.models import EarlyExitDecoder
 
-__all__ = ["check_prompts", "generate"]
+__all__ = ["UNSET", "check_prompts", "exit_arguments", "generate"]
 
 
 def check_prompts(model: EarlyExitDecoder, input_ids: Any, attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
@@ -90,6 +91,28 @@ def check_length(model: EarlyExitDecoder, prompts: list[torch.Tensor], max_new_t
         )
 
 
+def exit_arguments(model: EarlyExitDecoder, routing_threshold: Any, min_exit_layer: Any, draft_layers: Any) -> tuple:
+    """``(routing_threshold, min_exit_layer, draft_layers)`` with the unset ones from ``model.exit_settings``.
+
+    The stored decoding mode applies only when neither ``routing_threshold`` nor
+    ``draft_layers`` is given: then the stored threshold (early exit) if there is one,
+    else the stored draft depth (self-speculation), else full depth. Giving either one,
+    ``None`` included, picks the mode outright and the other stored default is not used:
+    ``routing_threshold=None`` runs at full depth whatever the model carries.
+    ``min_exit_layer`` unset is the stored one (1 by default). Values are not checked here.
+    """
+    settings = getattr(model, "exit_settings", None) or ExitSettings()
+    if routing_threshold is UNSET and draft_layers is UNSET:
+        routing_threshold = settings.routing_threshold
+        draft_layers = settings.draft_layers if routing_threshold is None else None
+    else:
+        routing_threshold = None if routing_threshold is UNSET else routing_threshold
+        draft_layers = None if draft_layers is UNSET else draft_layers
+    if min_exit_layer is UNSET:
+        min_exit_layer = settings.min_exit_layer
+    return routing_threshold, min_exit_layer, draft_layers
+
+
 class _eval_mode:
     """Evaluation mode (no dropout) inside the block; the previous mode afterwards."""
 
@@ -108,12 +131,12 @@ def generate(
     model: EarlyExitDecoder,
     input_ids: torch.Tensor | Sequence[Sequence[int] | torch.Tensor] | Sequence[int],
     max_new_tokens: int,
-    routing_threshold: float | None = None,
+    routing_threshold: float | None = UNSET,
     temperature: float = 0.0,
     top_k: int | None = None,
     *,
-    min_exit_layer: int = 1,
-    draft_layers: int | None = None,
+    min_exit_layer: int = UNSET,
+    draft_layers: int | None = UNSET,
     num_draft_tokens: int = 4,
     draft_threshold: float | None = None,
     attention_mask: torch.Tensor | None = None,
@@ -139,6 +162,16 @@ def generate(
     on its final layer only, because that model's intermediate exits were never trained
     by it.
 
+    Defaults from the model: ``routing_threshold``, ``min_exit_layer`` and
+    ``draft_layers`` left unset are taken from ``model.exit_settings`` (an
+    :class:`~ease.models.ExitSettings`, saved and loaded with the model; empty on a new
+    model, which then runs at full depth with ``min_exit_layer=1`` as before). The stored
+    mode (early exit if a threshold is stored, else self-speculation if a draft depth is)
+    applies only when neither ``routing_threshold`` nor ``draft_layers`` is passed;
+    passing either, ``None`` included, decides the mode, so ``routing_threshold=None``
+    always means full depth, and an explicit argument always wins
+    (:func:`exit_arguments`).
+
     Args:
         model: a :class:`~ease.models.StandardTransformer` or
             :class:`~ease.models.DeepSupervisionTransformer` (run in eval mode; its mode is
@@ -149,16 +182,19 @@ def generate(
         max_new_tokens: tokens to generate per prompt (``>= 0``). The longest prompt ``P``
             must satisfy ``P + max_new_tokens - 1 <= max_seq_len`` (and ``P <= max_seq_len``):
             the last new token is never fed back, so it needs no position of its own.
-        routing_threshold: None for full depth; else a number in (0, 1]: a token exits
+        routing_threshold: None for full depth (unset: the model's stored default); else
+            a number in (0, 1]: a token exits
             after the first block ``l >= min_exit_layer`` whose exit-head top-1 probability
             reaches it (:class:`ease.exits.ExitRule`), with state propagation filling the
             skipped layers' cache.
         temperature: 0 for greedy decoding; else the sampling temperature (finite, > 0).
         top_k: sample among the ``top_k`` most likely tokens only (``>= 1``; with
             ``temperature > 0``); None: all tokens.
-        min_exit_layer: no token exits before this layer (1..``num_layers``).
+        min_exit_layer: no token exits before this layer (1..``num_layers``; unset: the
+            stored default, 1 unless the model's settings say otherwise).
         draft_layers: self-speculative decoding with the first ``draft_layers`` blocks as
             the draft model (``1 <= E < num_layers``); excludes ``routing_threshold``.
+            Unset: the stored draft depth when no threshold applies (see above).
         num_draft_tokens: the most tokens drafted per verification (``>= 1``).
         draft_threshold: stop drafting a row at the first draft whose exit confidence is
             below this (in (0, 1]; needs ``draft_layers``); its verification comes sooner
@@ -186,6 +222,7 @@ def generate(
             ``num_draft_tokens`` or ``seed`` out of range; ``routing_threshold`` with
             ``draft_layers``, or ``draft_threshold`` without it.
     """
+    routing_threshold, min_exit_layer, draft_layers = exit_arguments(model, routing_threshold, min_exit_layer, draft_layers)
     prompts = check_prompts(model, input_ids, attention_mask)
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0)
     check_length(model, prompts, max_new_tokens)
