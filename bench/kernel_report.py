@@ -244,7 +244,8 @@ def _meta(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
 def specs() -> list[Spec]:
     """Every kernel at the shapes the targets are stated at (bench/NOTES.md): 16k tokens x
     hidden 4096 bf16; RoPE 4 x 4096 tokens, 32 query + 8 key/value heads of 128; exit
-    confidence 16k x 32000; the fused loss's cross-entropy on a 2048-row chunk of 32000."""
+    confidence 16k x 32000 (both criteria); the fused loss's cross-entropy on a 2048-row
+    chunk of 32000."""
     import importlib
 
     rms = importlib.import_module("ease_kernels.rms_norm")
@@ -295,6 +296,10 @@ def specs() -> list[Spec]:
         Spec("exit_confidence", "16384x32000", lambda: confidence._exit_confidence_launch(logits, 0.5),
              "_exit_confidence_fwd_kernel", loops=[Loop("vocab", _per_thread("BLOCK_V"), 2.0)],
              note="min: read the logits once"),
+        Spec("exit_confidence margin", "16384x32000",
+             lambda: confidence._exit_confidence_launch(logits, 0.5, "margin"),
+             "_exit_confidence_fwd_kernel", loops=[Loop("vocab", _per_thread("BLOCK_V"), 2.0)],
+             note="criterion margin: also the running top-2 logit; min: read the logits once"),
         Spec("cross_entropy fwd+grad", "2048x32000",
              lambda: loss.cross_entropy_chunk(chunk, targets, 1e-4, -100, True), "_cross_entropy_fwd_bwd_fused",
              loops=[Loop("softmax pass", _per_thread("BLOCK_V"), 2.0),

@@ -1,8 +1,9 @@
 """The online softmax that the exit-confidence and cross-entropy kernels share.
 
 One pass over a row of logits gives what both need without a second read: the row's
-maximum, the sum of ``exp(z - max)`` (so the log-sum-exp and the top-1 probability), and
-the first index of the maximum. The kernels of :mod:`ease_kernels.exit_confidence` and
+maximum, the sum of ``exp(z - max)`` (so the log-sum-exp and the top-1 probability), the
+first index of the maximum and, when asked, the row's second-largest logit (so the top-2
+probability). The kernels of :mod:`ease_kernels.exit_confidence` and
 :mod:`ease_kernels.exit_head_loss` call :func:`online_softmax_row` from their own programs.
 """
 
@@ -47,24 +48,45 @@ FLT_LOWEST = constant(-3.4028234663852886e38)
 # Non-finite logits: -inf adds exp(-inf) = 0 (with m starting at FLT_LOWEST, see above); a
 # row of only -inf has no softmax: M = FLT_LOWEST, sum 0, prediction 0. +inf or NaN logits
 # give a NaN sum (inf - inf, or NaN carried through s).
+#
+# Top-2 (TOP2): the second-largest logit Z2 of the row, counted with multiplicity (two
+# equal maxima give Z2 = M), so that p2 = exp(Z2 - M) / sum. Lane l also keeps m2_l, the
+# second largest of the values it has seen (-inf while it has seen fewer than two):
+#
+#     m2_l' = max(m2_l, min(z, m_l))
+#
+# (z > m_l: the old maximum becomes the second, m2_l <= m_l; z <= m_l: z competes with
+# m2_l, and z == m_l, a tie, makes it m_l): two instructions, no select. Combined, Z2 is
+# the largest of every lane's m2_l and of the lane maxima other than the one lane that
+# holds the prediction (lanes hold distinct indices, a_l = l mod BLOCK_V): a maximum tied
+# in another lane is kept. The placeholder m = FLT_LOWEST of a lane that has seen nothing
+# finite is read as a value, so a row whose maximum is FLT_LOWEST itself (only finfo.min
+# and -inf) is settled by its sum, which then counts the finfo.min entries exactly: Z2 =
+# FLT_LOWEST when there are two or more, -inf when one.
 @jit
 def online_softmax_row(
     Row,  # pointer to one row of logits, unit stride; fp16, bf16 or fp32
     vocab,  # V, the row length
     BLOCK_V: tl.constexpr,  # lanes per block (power of two); the loop covers all of V
+    TOP2: tl.constexpr,  # also track the second-largest logit (compiled away when False)
 ):
-    """One pass over a row: ``(M, sum exp(z - M), first argmax)``, M the row's maximum.
+    """One pass over a row: ``(M, sum exp(z - M), first argmax, Z2)``, M the row's maximum.
 
     ``M + log(sum)`` is the log-sum-exp (``-inf`` for a row of only -inf, whose ``M`` is
-    ``FLT_LOWEST`` and sum 0).
+    ``FLT_LOWEST`` and sum 0). ``Z2`` is the second-largest logit (``M`` again when the
+    maximum is tied, ``-inf`` when the row has fewer than two finite logits) when ``TOP2``,
+    else ``-inf`` (not tracked).
     """
     lanes = tl.arange(0, BLOCK_V)
     m = tl.full([BLOCK_V], FLT_LOWEST, tl.float32)
     s = tl.zeros([BLOCK_V], dtype=tl.float32)
     a = lanes
+    m2 = tl.full([BLOCK_V], float("-inf"), tl.float32)
     for start in range(0, vocab, BLOCK_V):
         offs = start + lanes
         z = tl.load(Row + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
+        if TOP2:
+            m2 = tl.maximum(m2, tl.minimum(z, m))
         grows = z > m
         e = tl.math.exp2(-tl.abs(z - m) * LOG2E)
         s = tl.where(grows, s * e + 1.0, s + e)
@@ -73,4 +95,9 @@ def online_softmax_row(
     m_max = tl.max(m, axis=0)
     total = tl.sum(s * tl.math.exp2((m - m_max) * LOG2E), axis=0)
     prediction = tl.min(tl.where(m == m_max, a, vocab), axis=0)
-    return m_max, total, prediction
+    second = float("-inf")
+    if TOP2:
+        others = tl.max(tl.where(a == prediction, float("-inf"), m), axis=0)
+        second = tl.maximum(tl.max(m2, axis=0), others)
+        second = tl.where((m_max == FLT_LOWEST) & (total < 2.0), float("-inf"), second)
+    return m_max, total, prediction, second

@@ -46,6 +46,17 @@ def check_threshold(threshold: float | None) -> float | None:
     return float(threshold)
 
 
+CRITERIA = ("max_prob", "margin")
+"""The exit head's confidence criteria: top-1 softmax probability, or top-1 minus top-2."""
+
+
+def check_criterion(criterion: object) -> str:
+    """``criterion`` of :func:`~ease_kernels.exit_confidence`: one of :data:`CRITERIA`."""
+    if not isinstance(criterion, str) or criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {', '.join(map(repr, CRITERIA))}, got {criterion!r}")
+    return criterion
+
+
 def check_eps(eps: object) -> float:
     """The epsilon of an RMSNorm: a finite real number ``>= 0`` (Python or NumPy; not a bool).
 

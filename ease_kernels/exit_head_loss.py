@@ -34,7 +34,7 @@ from torch.autograd.function import once_differentiable
 
 from ease_kernels._launch import jit, row_block, tl
 from ease_kernels._online_softmax import LOG2E, VOCAB_BLOCK, online_softmax_row
-from ease_kernels._validation import check_eps, check_float, check_tensor, check_threshold, is_real
+from ease_kernels._validation import check_criterion, check_eps, check_float, check_tensor, check_threshold, is_real
 from ease_kernels.dispatch import use_triton
 from ease_kernels.exit_confidence import ExitDecision, exit_confidence
 from ease_kernels.rms_norm import (
@@ -167,7 +167,7 @@ def _cross_entropy_fwd_bwd_fused(
     Logits += row * stride_row
     target = tl.load(Targets + row)
     valid = target != ignore_index
-    m_max, total, prediction = online_softmax_row(Logits, vocab, BLOCK_V)
+    m_max, total, prediction, _ = online_softmax_row(Logits, vocab, BLOCK_V, False)
     lse = m_max + tl.log(total)
     # Read before the gradient sweep overwrites it; an ignored row reads z_0, unused.
     z_target = tl.load(Logits + tl.where(valid, target, 0)).to(tl.float32)
@@ -661,6 +661,7 @@ def exit_head_confidence(
     head_weight: torch.Tensor,
     eps: float,
     threshold: float | None = None,
+    criterion: str = "max_prob",
     *,
     chunk_size: int | None = None,
 ) -> ExitDecision:
@@ -669,7 +670,7 @@ def exit_head_confidence(
     For each chunk of tokens: :func:`~ease_kernels.rms_norm`, the output projection and
     :func:`~ease_kernels.exit_confidence` (each dispatched as usual), so the logits of
     at most one chunk exist at a time. The results equal
-    ``exit_confidence(F.linear(rms_norm(hidden, norm_weight, eps), head_weight), threshold)``.
+    ``exit_confidence(F.linear(rms_norm(hidden, norm_weight, eps), head_weight), threshold, criterion)``.
     Inference only: no gradient flows.
 
     Args:
@@ -678,6 +679,8 @@ def exit_head_confidence(
         head_weight: ``[V, D]``, the output projection's weight.
         eps: the RMSNorm's epsilon, ``>= 0``.
         threshold: exit when ``confidence >= threshold``; in (0, 1] or None.
+        criterion: ``"max_prob"`` (top-1 softmax probability) or ``"margin"`` (top-1 minus
+            top-2), as for :func:`~ease_kernels.exit_confidence`.
         chunk_size: tokens per chunk; default as for :func:`exit_head_loss`.
 
     Returns:
@@ -687,11 +690,13 @@ def exit_head_confidence(
     Raises:
         TypeError: non-floating tensors or a non-numeric threshold.
         ValueError: shapes that do not fit ``[..., D]``, ``[D]``, ``[V, D]``; a threshold
-            outside (0, 1]; ``eps < 0``; ``chunk_size < 1``; tensors on different devices.
+            outside (0, 1]; another criterion; ``eps < 0``; ``chunk_size < 1``; tensors on
+            different devices.
     """
     vocab, dim = _check_head(norm_weight, head_weight, eps)
     _check_hidden("hidden", hidden, dim, head_weight.device)
     threshold = check_threshold(threshold)
+    check_criterion(criterion)
     chunk_size = _check_chunk_size(chunk_size)
     leading = hidden.shape[:-1]
     rows = math.prod(leading)
@@ -705,7 +710,7 @@ def exit_head_confidence(
         w_mm = head_weight.to(mm_dtype)
         for start in range(0, rows, chunk):
             x = rms_norm(h_rows[start : start + chunk], norm_weight, float(eps))
-            decision = exit_confidence(x.to(mm_dtype) @ w_mm.T, threshold)
+            decision = exit_confidence(x.to(mm_dtype) @ w_mm.T, threshold, criterion)
             confidence[start : start + chunk] = decision.confidence
             prediction[start : start + chunk] = decision.prediction
             if threshold is not None:

@@ -292,3 +292,226 @@ def test_threshold_outside_unit_interval_is_rejected(threshold):
 def test_logits_without_vocab_are_rejected(shape):
     with pytest.raises(ValueError, match=r"^logits must be \[\.\.\., vocab\]"):
         exit_confidence(torch.zeros(shape))
+
+
+# ---------------------------------------------------------------------------------------
+# Criterion "margin": p1 - p2, from the same one-pass kernel
+# ---------------------------------------------------------------------------------------
+# Margin errors are measured against p1, the row's top-1 probability, not against the
+# margin: a near-tie's margin cancels to about 0 and could not be measured relative to
+# itself. The kernel's (1 - exp(Z2 - M)) / sum and the reference's p1 - p2 are each the
+# difference of two probabilities of at most p1, each a few float32 roundings off (exp, the
+# sum as for max_prob, one subtraction), so their error is a few eps of p1.
+MARGIN_TOLERANCE = {
+    torch.float32: 16 * EPS32,  # float32 arithmetic only; seen: under 2 eps in the interpreter
+    torch.bfloat16: 16 * EPS32,  # bfloat16 -> float32 is exact: no input rounding
+    torch.float16: 16 * EPS32,  # float16 -> float32 is exact: no input rounding
+}
+
+
+def truth_margin(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 ``(p1 - p2, p1)`` of softmax(logits); p2 = 0 for a vocabulary of one."""
+    p = torch.softmax(logits.double(), dim=-1)
+    if p.shape[-1] == 1:
+        return p[..., 0], p[..., 0]
+    top = p.topk(2, dim=-1).values
+    return top[..., 0] - top[..., 1], top[..., 0]
+
+
+def margin_error(margin: torch.Tensor, logits: torch.Tensor) -> float:
+    """``max |margin - truth| / p1`` (NaN when any margin is NaN)."""
+    if margin.numel() == 0:
+        return 0.0
+    want, p1 = truth_margin(logits)
+    return ((margin.double() - want).abs() / p1).max().item()
+
+
+def check_margin(logits: torch.Tensor, result, tol: float, threshold: float | None) -> float:
+    """Assert shapes, dtypes, margin within ``tol`` of p1, exact prediction and exit semantics."""
+    leading = logits.shape[:-1]
+    assert result.confidence.shape == leading and result.confidence.dtype == torch.float32
+    assert result.prediction.shape == leading and result.prediction.dtype == torch.int64
+    error = margin_error(result.confidence, logits)
+    if not error <= tol:  # `not <=` also catches NaN
+        want, p1 = truth_margin(logits)
+        worst = ((result.confidence.double() - want).abs() / p1).flatten().nan_to_num(float("inf")).argmax().item()
+        raise AssertionError(
+            f"margin error {error:.3g} x p1 > {tol:.3g} at flat row {worst}: "
+            f"got {result.confidence.flatten()[worst].item():.9g}, want {want.flatten()[worst].item():.9g}"
+        )
+    assert torch.equal(result.prediction.cpu(), truth(logits)[1].cpu()), "prediction is not the first argmax"
+    if threshold is None:
+        assert result.exit is None
+    else:
+        assert result.exit.dtype == torch.bool and result.exit.shape == leading
+        assert torch.equal(result.exit, result.confidence >= threshold)
+    return error
+
+
+@pytest.mark.parametrize("dtype", list(MARGIN_TOLERANCE))
+@pytest.mark.parametrize("shape", [(5, 123), (3, 7, 1001), (4, 1)])
+def test_margin_reference_matches_float64_truth(dtype, shape):
+    torch.manual_seed(10)
+    logits = (3 * torch.randn(shape)).to(dtype)
+    check_margin(logits, exit_confidence_reference(logits, 0.2, "margin"), MARGIN_TOLERANCE[dtype], 0.2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(MARGIN_TOLERANCE))
+# (5, 123), (3, 7, 1001): one partial block, odd sizes, rank 2 and 3; (4, 1): no second
+# token; 32000 = 7 full blocks + a short last one of 3328; 3 blocks + 123.
+@pytest.mark.parametrize("shape", [(5, 123), (3, 7, 1001), (4, 1), (3, 32000), (4, 3 * BLOCK + 123)])
+def test_margin_kernel_matches_float64_truth(triton_backend, triton_path, device, dtype, shape):
+    vocab = shape[-1]
+    torch.manual_seed(vocab + len(shape))
+    # Scale 3 spreads the margins over [0, 1), so the threshold splits the rows (bfloat16 and
+    # float16 rounding also make exact ties, whose margin is 0).
+    logits = (3 * torch.randn(shape, device=device)).to(dtype)
+    rows = logits.view(-1, vocab)
+    if vocab > 1:
+        rows[0, -1] = 20.0  # a confident row whose maximum sits in the last (partial) block
+        rows[1, 0], rows[1, -1] = 12.0, 11.5  # top-2 in different lanes (and blocks)
+    if vocab > BLOCK:
+        rows[2, 3], rows[2, 3 + BLOCK] = 11.5, 12.0  # top-2 in one lane, the larger one later
+    result = exit_confidence(logits, 0.3, "margin")
+    error = check_margin(logits, result, MARGIN_TOLERANCE[dtype], 0.3)
+    # One pass is no less accurate than the reference's softmax and top-2, beyond the tolerance.
+    reference = exit_confidence_reference(logits, None, "margin")
+    assert error <= margin_error(reference.confidence, logits) + MARGIN_TOLERANCE[dtype]
+    # The same pass's prediction as max_prob's, and a margin never above the top-1 probability.
+    max_prob = exit_confidence(logits)
+    assert torch.equal(result.prediction, max_prob.prediction)
+    assert (result.confidence <= max_prob.confidence).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(MARGIN_TOLERANCE))
+def test_margin_of_a_tied_maximum_is_zero(triton_backend, device, dtype):
+    """A second occurrence of the maximum is the second value: in the same lane (the online
+    update), in other lanes either way round and in the partial block (the cross-lane
+    combine), three-way, after the lane's maximum grew, and a constant row. A unique maximum
+    beside a tied second keeps its margin."""
+    vocab = 2 * BLOCK + 50
+    tie_sets = [
+        [5, 5 + BLOCK],  # same lane, later block
+        [BLOCK + 9, 3],  # lower lane holds the lower index
+        [BLOCK - 1, BLOCK + 2],  # higher lane holds the lower index
+        [2 * BLOCK + 10, 2 * BLOCK + 49],  # both in the partial last block
+        [2 * BLOCK + 1, BLOCK + 3, 7],  # three-way
+    ]
+    torch.manual_seed(11)
+    logits = torch.randn(len(tie_sets) + 3, vocab, device=device).clamp(-3, 3)
+    for row, indices in enumerate(tie_sets):
+        logits[row, indices] = 5.0
+    grew = len(tie_sets)
+    logits[grew, [8, 8 + BLOCK]] = 4.0  # the lane's maximum is tied at 4 ...
+    logits[grew, 8 + 2 * BLOCK] = 5.0  # ... then grows to 5, tied in another lane
+    logits[grew, 20] = 5.0
+    logits[grew + 1] = 1.0  # constant row: every index ties
+    logits[grew + 2, [30, 40]] = 4.0  # a tied second below a unique maximum
+    logits[grew + 2, 50] = 5.0
+    logits = logits.to(dtype)
+    result = exit_confidence(logits, 0.5, "margin")
+    check_margin(logits, result, MARGIN_TOLERANCE[dtype], 0.5)
+    assert result.confidence[: grew + 2].tolist() == [0.0] * (grew + 2)
+    assert result.confidence[grew + 2] > 0 and not result.exit[: grew + 2].any()
+    reference = exit_confidence_reference(logits, 0.5, "margin")
+    assert reference.confidence[: grew + 2].tolist() == [0.0] * (grew + 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_margin_ties_in_small_vocab(triton_backend, device):
+    logits = torch.tensor(
+        [[1.0, 3.0, 0.0, 3.0, 3.0], [2.0, 2.0, 2.0, 2.0, 2.0], [0.0, 0.0, 0.0, 0.0, 9.0], [3.0, 1.0, 3.0, 3.0, 2.0]],
+        device=device,
+    )
+    result = exit_confidence(logits, criterion="margin")
+    assert result.prediction.tolist() == [1, 0, 4, 0]
+    assert result.confidence[[0, 1, 3]].tolist() == [0.0, 0.0, 0.0]
+    check_margin(logits, result, MARGIN_TOLERANCE[torch.float32], None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(MARGIN_TOLERANCE))
+def test_margin_minus_inf_logits(triton_backend, device, dtype):
+    """As for max_prob: -inf entries contribute nothing, a row of only -inf has no softmax
+    (margin NaN, prediction 0, exit False). One finite logit: p2 = 0, margin exactly 1."""
+    vocab = BLOCK + 20
+    torch.manual_seed(12)
+    logits = torch.randn(6, vocab, device=device)
+    logits[0, ::2] = float("-inf")
+    logits[1, : BLOCK + 10] = float("-inf")  # a whole block of -inf before any finite value
+    logits[2] = float("-inf")
+    logits[3] = float("-inf")
+    logits[3, BLOCK + 15] = -7.0  # the one finite logit, in the partial block
+    logits[4] = float("-inf")
+    logits[4, 2] = 3.0  # the one finite logit, in the first block
+    logits[5] = float("-inf")
+    logits[5, [6, BLOCK + 6]] = 1.0  # two finite logits, tied, in one lane
+    logits = logits.to(dtype)
+    finite = [0, 1, 3, 4, 5]
+    result = exit_confidence(logits, 0.5, "margin")
+    check_margin(logits[finite], exit_confidence(logits[finite], 0.5, "margin"), MARGIN_TOLERANCE[dtype], 0.5)
+    reference = exit_confidence_reference(logits, 0.5, "margin")
+    assert torch.isnan(result.confidence[2]) and torch.isnan(reference.confidence[2])
+    assert result.prediction[2].item() == reference.prediction[2].item() == 0
+    assert not result.exit[2] and not reference.exit[2]
+    assert result.confidence[[3, 4]].tolist() == reference.confidence[[3, 4]].tolist() == [1.0, 1.0]
+    assert result.exit[[3, 4]].all() and result.confidence[5].item() == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_margin_rows_of_the_lowest_float(triton_backend, device):
+    """finfo.min is a number, not -inf, and also the kernel's starting maximum: one of them
+    among -inf is a single finite logit (margin 1), two or more tie (margin 0)."""
+    lowest = torch.finfo(torch.float32).min
+    vocab = BLOCK + 7
+    logits = torch.full((5, vocab), float("-inf"), device=device)
+    logits[0] = lowest  # uniform softmax
+    logits[1, BLOCK + 3] = lowest  # the one finite logit
+    logits[2, [4, BLOCK + 4]] = lowest  # two, in one lane
+    logits[3, [4, 9]] = lowest  # two, in two lanes
+    logits[4] = torch.randn(vocab, device=device)
+    logits[4, 1::2] = lowest  # beside finite logits: exp(-huge) = 0
+    result = exit_confidence(logits, 0.5, "margin")
+    assert result.confidence[:4].tolist() == [0.0, 1.0, 0.0, 0.0]
+    # Rows 1-3's prediction is not checked: there the kernel cannot tell finfo.min from its
+    # starting maximum and gives index 0 (for max_prob too), not the first finfo.min.
+    check_margin(logits[[0, 4]], exit_confidence(logits[[0, 4]], 0.5, "margin"), MARGIN_TOLERANCE[torch.float32], 0.5)
+    single = exit_confidence(torch.tensor([[lowest], [0.0]], device=device), None, "margin")
+    assert single.confidence.tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(MARGIN_TOLERANCE))
+def test_margin_large_magnitude_logits(triton_backend, device, dtype):
+    """exp(z) overflows float32 beyond z = 88: the top-2 is taken on the logits, the rescaled
+    sum stays finite."""
+    torch.manual_seed(13)
+    logits = (1000.0 * torch.randn(3, BLOCK + 300, device=device)).to(dtype)
+    big = logits[1].float().max()
+    logits[1, 10] = big - 0.5 if dtype == torch.float32 else big  # a near or exact tie, other block
+    logits[2] = logits[2] / 1000.0
+    logits[2, BLOCK + 5] = 60.0
+    check_margin(logits, exit_confidence(logits, 0.5, "margin"), MARGIN_TOLERANCE[dtype], 0.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("threshold", [None, 0.5])
+def test_opcheck_margin(triton_backend, device, threshold):
+    torch.manual_seed(14)
+    logits = torch.randn(2, 3, 37, device=device)
+    torch.library.opcheck(torch.ops.ease.exit_confidence.default, (logits, threshold, "margin"))
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+@pytest.mark.parametrize("criterion", ["entropy", "Margin", None, 1])
+def test_unknown_criterion_is_rejected(backend_name, criterion):
+    if backend_name == "triton" and not ease_kernels.triton_available():
+        pytest.skip("Triton is not installed")
+    match = rf"^criterion must be one of 'max_prob', 'margin', got {criterion!r}$"
+    with ease_kernels.backend(backend_name):
+        with pytest.raises(ValueError, match=match):
+            exit_confidence(torch.zeros(2, 5, device=DEVICES[-1]), 0.5, criterion)
+    with pytest.raises(ValueError, match=match):
+        exit_confidence_reference(torch.zeros(2, 5), None, criterion)

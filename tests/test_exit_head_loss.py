@@ -414,17 +414,18 @@ def test_bad_arguments_name_the_argument(case, error, match) -> None:
 # ---------------------------------------------------------------------------------------
 # Inference: the chunked confidence check
 # ---------------------------------------------------------------------------------------
-def plain_confidence(hidden, norm_weight, head_weight, threshold):
+def plain_confidence(hidden, norm_weight, head_weight, threshold, criterion="max_prob"):
     x = ease_kernels.rms_norm_reference(hidden, norm_weight, EPS)
-    return ease_kernels.exit_confidence_reference(x @ head_weight.T, threshold)
+    return ease_kernels.exit_confidence_reference(x @ head_weight.T, threshold, criterion)
 
 
+@pytest.mark.parametrize("criterion", ["max_prob", "margin"])
 @pytest.mark.parametrize("threshold", [None, 0.2])
-def test_exit_head_confidence_matches_the_plain_check(backend, threshold) -> None:
+def test_exit_head_confidence_matches_the_plain_check(backend, threshold, criterion) -> None:
     (hidden, *_), norm_weight, head_weight, _ = make_inputs(layers=1)
     hidden, norm_weight, head_weight = hidden.detach(), norm_weight.detach(), head_weight.detach()
-    decision = exit_head_confidence(hidden, norm_weight, head_weight, EPS, threshold, chunk_size=16)
-    want = plain_confidence(hidden, norm_weight, head_weight, threshold)
+    decision = exit_head_confidence(hidden, norm_weight, head_weight, EPS, threshold, criterion, chunk_size=16)
+    want = plain_confidence(hidden, norm_weight, head_weight, threshold, criterion)
     assert decision.confidence.shape == (2, 25) and decision.confidence.dtype == torch.float32
     # float32 throughout; the chunked product may sum in another order than the whole one.
     assert_close("confidence", decision.confidence, want.confidence, 1e-5)
@@ -452,6 +453,8 @@ def test_exit_head_confidence_checks_its_arguments() -> None:
         exit_head_confidence(hidden, norm_weight, head_weight, EPS, 1.5)
     with pytest.raises(ValueError, match="chunk_size must be an integer >= 1"):
         exit_head_confidence(hidden, norm_weight, head_weight, EPS, chunk_size=-1)
+    with pytest.raises(ValueError, match=r"^criterion must be one of 'max_prob', 'margin', got 'entropy'"):
+        exit_head_confidence(hidden, norm_weight, head_weight, EPS, criterion="entropy")
 
 
 # ---------------------------------------------------------------------------------------
