@@ -508,7 +508,7 @@ class EarlyExitDecoder(nn.Module):
         blocks; ``draft_layers=E`` decodes self-speculatively (lossless). Left unset,
         ``routing_threshold``, ``min_exit_layer`` and ``draft_layers`` come from
         :attr:`exit_settings`; ``routing_threshold=None`` runs at full depth. Keyword options
-        (``min_exit_layer``, ``draft_layers``, ``num_draft_tokens``, ``draft_threshold``,
+        (``min_exit_layer``, ``draft_layers``, ``num_draft_tokens``, ``draft_threshold``, ``exit_criterion``,
         ``attention_mask``, ``seed``, ``generator``, ``pad_token_id``) and errors: see
         :func:`ease.generation.generate`.
 

@@ -588,3 +588,21 @@ def test_generation_with_triton_kernels_matches_reference(triton_backend):
     got = [model.generate(prompts, 5, routing_threshold=0.3), model.generate(prompts, 5, draft_layers=1)]
     for e, g in zip(expected, got):
         assert torch.equal(e.tokens, g.tokens) and torch.equal(e.exit_layers, g.exit_layers)
+
+
+# ---------------------------------------------------------------------------------------
+# Exit criteria
+# ---------------------------------------------------------------------------------------
+def test_exit_criterion_defaults_to_the_stored_one_and_is_checked():
+    from ease.models import ExitSettings
+
+    model = random_model()
+    explicit = model.generate(PROMPTS, 8, routing_threshold=0.1, exit_criterion="margin")
+    assert not torch.equal(explicit.exit_layers, model.generate(PROMPTS, 8, routing_threshold=0.1).exit_layers)
+    model.exit_settings = ExitSettings(exit_criterion="margin")
+    stored = model.generate(PROMPTS, 8, routing_threshold=0.1)
+    assert torch.equal(stored.tokens, explicit.tokens) and torch.equal(stored.exit_layers, explicit.exit_layers)
+    with pytest.raises(ValueError, match="exit_criterion must be one of"):
+        model.generate(PROMPTS, 2, routing_threshold=0.5, exit_criterion="entropy")
+    with pytest.raises(ValueError, match="needs the model's exit classifier"):
+        model.generate(PROMPTS, 2, routing_threshold=0.5, exit_criterion="classifier")

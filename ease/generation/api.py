@@ -139,6 +139,7 @@ def generate(
     draft_layers: int | None = UNSET,
     num_draft_tokens: int = 4,
     draft_threshold: float | None = None,
+    exit_criterion: str = UNSET,
     attention_mask: torch.Tensor | None = None,
     seed: int | None = None,
     generator: torch.Generator | None = None,
@@ -200,6 +201,12 @@ def generate(
             below this (in (0, 1]; needs ``draft_layers``); its verification comes sooner
             and wastes fewer draft blocks on tokens the full model would reject. None:
             always draft ``num_draft_tokens``. Lossless either way.
+        exit_criterion: the score ``routing_threshold`` is compared with, one of
+            :data:`ease.exits.EXIT_CRITERIA`: ``"max_prob"`` (the exit head's top-1
+            probability), ``"margin"`` (top-1 minus top-2), ``"saturation"`` (cosine of
+            the layer's state with the previous one's; no head is run to decide) or
+            ``"classifier"`` (the model's trained :class:`~ease.exit_classifier.ExitClassifier`).
+            Unset: ``model.exit_settings.exit_criterion`` (``"max_prob"`` on a new model).
         attention_mask: ``(B, T)``, nonzero at the real tokens of ``input_ids`` (left or
             right padding).
         seed: seeds a new ``torch.Generator`` for sampling (an integer in ``[0, 2**32)``;
@@ -220,13 +227,16 @@ def generate(
             outside ``[0, vocab_size)``; an empty prompt; ``max_new_tokens``,
             ``temperature``, ``top_k``, ``min_exit_layer``, ``draft_layers``,
             ``num_draft_tokens`` or ``seed`` out of range; ``routing_threshold`` with
-            ``draft_layers``, or ``draft_threshold`` without it.
+            ``draft_layers``, or ``draft_threshold`` without it; an unknown
+            ``exit_criterion``, or ``"classifier"`` on a model without an exit classifier.
     """
     routing_threshold, min_exit_layer, draft_layers = exit_arguments(model, routing_threshold, min_exit_layer, draft_layers)
     prompts = check_prompts(model, input_ids, attention_mask)
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0)
     check_length(model, prompts, max_new_tokens)
-    rule = ExitRule.for_model(model, routing_threshold, min_exit_layer)
+    if exit_criterion is UNSET:
+        exit_criterion = (getattr(model, "exit_settings", None) or ExitSettings()).exit_criterion
+    rule = ExitRule.for_model(model, routing_threshold, min_exit_layer, exit_criterion)
     temperature = check_real("temperature", temperature, 0.0)
     top_k = None if top_k is None else check_int("top_k", top_k, 1, expected="an integer >= 1 or None")
     num_layers = model.num_layers
