@@ -1,4 +1,4 @@
-"""Tests of ease.cli.train (``python -m ease.train``): a tiny run end to end from a TOML file,
+"""Tests of ease.cli.train (``python -m ease.train``) and ease.training_run: a tiny run end to end from a TOML file,
 resume, overrides, the errors that stop a run before anything is written, every example
 config, and the plots.
 
@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 from ease import Trainer, TrainingConfig
+from ease import training_run as runs
 from ease.cli import train as train_cli
+from ease.training_run import execute as run_execute
 from ease.data import load_data, load_default_text
 from ease.models import DeepSupervisionTransformer, load_model
 from tokenizers import Tokenizer
@@ -125,7 +127,7 @@ def test_tiny_run_writes_every_output_consistently(run_file, tmp_path) -> None:
     saved_tokenizer = Tokenizer.from_file(str(out / "model" / "tokenizer.json"))
     assert saved_tokenizer.get_vocab() == data.tokenizer.get_vocab()
     config = TrainingConfig(layer_weights={1: 0.7, 2: 0, 3: 0.3}, routing_threshold=0.5, verbose=False)
-    figures = json.loads(json.dumps(train_cli._finite_json(Trainer(config, data.vocab_size).evaluate(model, data.val_batches))))
+    figures = json.loads(json.dumps(run_execute._finite_json(Trainer(config, data.vocab_size).evaluate(model, data.val_batches))))
     assert figures == summary["evaluation"]
     assert summary["evaluation"]["objective"] == min(h["val_loss"] for h in stopping["history"])
 
@@ -165,11 +167,11 @@ def test_a_previous_run_is_refused_unless_overwritten(run_file, tmp_path, capsys
      ("{1 = 0.7, 3 = 0.3}", {"1": 0.7, "3": 0.3}), ("[0.9, 0.99]", [0.9, 0.99]), ("runs/a b", "runs/a b")],
 )  # fmt: skip
 def test_set_values_are_toml_or_plain_strings(text, value) -> None:
-    assert train_cli.parse_value(text) == value
+    assert runs.parse_value(text) == value
 
 
 def test_set_overrides_single_keys(run_file) -> None:
-    spec = train_cli.load_run_spec(
+    spec = runs.load_run_spec(
         run_file,
         ["training.max_steps=2000", "l3t.routing_threshold=0.9", "data.text=none", 'data.corpus="stdlib"',
          "l3t.layer_weights=linear", "training.eval_every=none", "model.num_layers=4", "l3t.layer_lr_scales=none"],
@@ -180,15 +182,15 @@ def test_set_overrides_single_keys(run_file) -> None:
     assert spec.config.layer_weights == pytest.approx({1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4})
     assert spec.model_kwargs["num_layers"] == 4 and spec.tables["model"]["dim"] == 16
     # Later overrides win; an unquoted string is a string.
-    spec = train_cli.load_run_spec(run_file, ["data.text=none", "data.corpus=docs", "training.lr_schedule=cosine",
+    spec = runs.load_run_spec(run_file, ["data.text=none", "data.corpus=docs", "training.lr_schedule=cosine",
                                               "training.lr_schedule=linear"])  # fmt: skip
     assert spec.data_kwargs["corpus"] == "docs" and spec.config.lr_schedule == "linear"
 
 
 @pytest.mark.parametrize("text", ["training.max_steps", "max_steps=3", "a.b.c=1", ".x=1"])
 def test_a_malformed_set_is_refused(text) -> None:
-    with pytest.raises(train_cli.ConfigError, match="table.key=value"):
-        train_cli.parse_override(text)
+    with pytest.raises(runs.ConfigError, match="table.key=value"):
+        runs.parse_override(text)
 
 
 # ----------------------------------------------------------- errors before anything is written
@@ -239,8 +241,8 @@ def test_a_config_file_that_is_not_toml_is_refused(tmp_path, capsys) -> None:
 
 
 def test_a_key_outside_a_table_is_refused(tmp_path) -> None:
-    with pytest.raises(train_cli.ConfigError, match=r"'max_steps' must be set inside a table: training\.max_steps"):
-        train_cli.load_run_spec(None, raw={"max_steps": 3})
+    with pytest.raises(runs.ConfigError, match=r"'max_steps' must be set inside a table: training\.max_steps"):
+        runs.load_run_spec(None, raw={"max_steps": 3})
 
 
 # --------------------------------------------------------------------------- example configs
@@ -248,7 +250,7 @@ def test_a_key_outside_a_table_is_refused(tmp_path) -> None:
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_every_example_config_is_valid(path, tmp_path) -> None:
-    spec = train_cli.load_run_spec(path, [f"output.dir={(tmp_path / 'out').as_posix()}"])
+    spec = runs.load_run_spec(path, [f"output.dir={(tmp_path / 'out').as_posix()}"])
     assert spec.model_class in ("StandardTransformer", "DeepSupervisionTransformer")
     assert spec.config.layer_weights and set(spec.config.layer_weights) <= set(range(1, spec.model_kwargs["num_layers"] + 1))
     model = spec.build_model(spec.data_kwargs["vocab_size"] or 1000)
@@ -259,7 +261,7 @@ def test_every_example_config_is_valid(path, tmp_path) -> None:
 def test_the_example_configs_are_the_ones_documented() -> None:
     names = {p.name for p in EXAMPLES}
     assert {"standard.toml", "deep_supervision.toml", "asymmetric.toml", "layerskip.toml", "l3t.toml"} <= names
-    asymmetric = train_cli.load_run_spec(EXAMPLES[[p.name for p in EXAMPLES].index("asymmetric.toml")],
+    asymmetric = runs.load_run_spec(EXAMPLES[[p.name for p in EXAMPLES].index("asymmetric.toml")],
                                          ["output.dir=unused"])  # fmt: skip
     assert asymmetric.config.layer_weights == {1: 0.7, 2: 0.0, 3: 0.3}
     assert asymmetric.config.layer_lr_scales == {1: 1.0, 2: 0.5, 3: 0.1}
@@ -290,8 +292,8 @@ def test_plots_are_skipped_without_matplotlib(tmp_path, monkeypatch) -> None:
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text(json.dumps({"kind": "eval", "step": 1, "loss": 1.0, "accuracy": 0.5}) + "\n")
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails
-    assert train_cli.plot_loss_per_layer(metrics, tmp_path / "a.png") is None
-    assert train_cli.plot_accuracy_per_layer({"loss": 1.0, "accuracy": 0.5}, tmp_path / "b.png") is None
+    assert runs.plot_loss_per_layer(metrics, tmp_path / "a.png") is None
+    assert runs.plot_accuracy_per_layer({"loss": 1.0, "accuracy": 0.5}, tmp_path / "b.png") is None
     assert not list(tmp_path.glob("*.png"))
 
 
@@ -306,10 +308,10 @@ def test_plots_of_a_model_trained_on_its_last_layer(tmp_path) -> None:
         {"kind": "train", "step": 2, "loss": 3.9, "layers": {"2": {"loss": 3.9, "accuracy": 0.2}}},  # resumed
     ]
     metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
-    train, evals = train_cli.read_metrics(metrics)
+    train, evals = runs.read_metrics(metrics)
     assert [r["loss"] for r in train] == [5.0, 3.9]  # the line written last for a step is kept
-    assert train_cli.plot_loss_per_layer(metrics, tmp_path / "loss.png").read_bytes()[:8] == PNG_SIGNATURE
-    figure = train_cli.plot_accuracy_per_layer({"loss": 4.5, "accuracy": 0.2}, tmp_path / "acc.png")
+    assert runs.plot_loss_per_layer(metrics, tmp_path / "loss.png").read_bytes()[:8] == PNG_SIGNATURE
+    figure = runs.plot_accuracy_per_layer({"loss": 4.5, "accuracy": 0.2}, tmp_path / "acc.png")
     assert figure.read_bytes()[:8] == PNG_SIGNATURE
 
 
@@ -318,8 +320,8 @@ def test_plots_of_a_model_trained_on_its_last_layer(tmp_path) -> None:
 
 @pytest.mark.parametrize("cores, threads", [(1, 1), (2, 1), (4, 1), (8, None), (64, None)])
 def test_default_threads_is_one_on_small_machines(monkeypatch, cores, threads) -> None:
-    monkeypatch.setattr(train_cli.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
-    assert train_cli.default_threads() == threads
+    monkeypatch.setattr(run_execute.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert run_execute.default_threads() == threads
 
 
 def test_help_lists_every_table_and_key(capsys) -> None:
