@@ -10,6 +10,7 @@ from ease.config import TrainingConfig, create_deep_supervision_config, create_s
 from ease.models import (
     DeepSupervisionTransformer,
     EarlyExitDecoder,
+    ExitSettings,
     ModelConfig,
     StandardTransformer,
     load_model,
@@ -19,10 +20,14 @@ from ease.data import IGNORE_INDEX
 from ease.training import EarlyStoppingResult, Trainer
 from ease.calibration import CalibrationResult, calibrate_threshold
 from ease.generation import CacheSlots, GenerationOutput, KVCache
+from ease.exits import EXIT_CRITERIA, ExitRule
+from ease.exit_classifier import ExitClassifier, train_exit_classifier
+from ease.training.curriculum import depth_loss_weights
 
 __all__ = [
     "DeepSupervisionTransformer",
     "EarlyExitDecoder",
+    "ExitSettings",
     "ModelConfig",
     "StandardTransformer",
     "load_model",
@@ -39,4 +44,9 @@ __all__ = [
     "CacheSlots",
     "GenerationOutput",
     "KVCache",
+    "EXIT_CRITERIA",
+    "ExitRule",
+    "ExitClassifier",
+    "train_exit_classifier",
+    "depth_loss_weights",
 ]
