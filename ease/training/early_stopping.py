@@ -26,7 +26,8 @@ from ease.data import IGNORE_INDEX, Batch, split_batch
 from ease.models import EarlyExitDecoder
 from ease.training import distributed as dist_utils
 from ease.training import loop
-from ease.training.checkpoint import CHECKPOINT_NAME, latest_checkpoint
+from ease.training.checkpoint import CHECKPOINT_NAME, TrainingProgress, latest_checkpoint
+from ease.training.distributed import DistributedContext
 from ease.validation import check_int, check_real
 
 if TYPE_CHECKING:
@@ -89,6 +90,31 @@ def check_writable_directory(name: str, directory: Path) -> None:
             error.errno, f"{name}={str(directory)!r} cannot be written ({error.strerror or error}); "
             "fix it before training: checkpoints go there after every epoch",
         ) from error
+
+
+def keep_if_best(
+    progress: TrainingProgress,
+    model: EarlyExitDecoder,
+    context: DistributedContext,
+    val_loss: float,
+    epoch: int,
+    min_delta: float,
+) -> bool:
+    """Count one evaluation: keep the model's state when ``val_loss`` improves on the best.
+
+    An improvement is ``val_loss < best - min_delta``; it resets the count of evaluations
+    without improvement, which otherwise grows by one. Returns whether it improved.
+    """
+    improved = val_loss < progress.best_val_loss - min_delta
+    if improved:
+        progress.best_val_loss, progress.best_epoch = val_loss, epoch
+        # A CPU copy (rank 0 only under torchrun): the live tensors keep changing, and the
+        # copy must not hold GPU memory.
+        progress.best_state = dist_utils.full_model_state_dict(model, context) or None
+        progress.epochs_without_improvement = 0
+    else:
+        progress.epochs_without_improvement += 1
+    return improved
 
 
 def planned_steps(config: TrainingConfig, train_batches: Iterable[Batch], max_epochs: int) -> int | None:
@@ -176,15 +202,7 @@ def train_with_early_stopping(
         progress.history.append(
             {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val": val, "seconds": seconds}
         )
-        improved = val_loss < progress.best_val_loss - min_delta
-        if improved:
-            progress.best_val_loss, progress.best_epoch = val_loss, epoch
-            # A CPU copy (rank 0 only under torchrun): the live tensors keep changing,
-            # and the copy must not hold GPU memory.
-            progress.best_state = dist_utils.full_model_state_dict(model, context) or None
-            progress.epochs_without_improvement = 0
-        else:
-            progress.epochs_without_improvement += 1
+        improved = keep_if_best(progress, model, context, val_loss, epoch, min_delta)
         progress.epoch = epoch
         if checkpoint_path is not None:
             # After an improving epoch the best state is the model's state, gathered
@@ -261,14 +279,9 @@ def _train_by_steps(
             {"epoch": epoch, "step": progress.step, "tokens": position["tokens"], "train_loss": train_loss,
              "val_loss": val_loss, "val": val, "seconds": seconds}
         )  # fmt: skip
-        improved = val_loss < progress.best_val_loss - min_delta
+        improved = keep_if_best(progress, model, context, val_loss, epoch, min_delta)
         if improved:
-            progress.best_val_loss, progress.best_epoch = val_loss, epoch
             position["best_step"] = progress.step
-            progress.best_state = dist_utils.full_model_state_dict(model, context) or None
-            progress.epochs_without_improvement = 0
-        else:
-            progress.epochs_without_improvement += 1
         if checkpoint_path is not None:
             position["checkpoint_step"] = progress.step
             trainer.write_checkpoint(
