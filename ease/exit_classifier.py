@@ -152,7 +152,7 @@ def train_exit_classifier(
                 optimizer.step()
                 steps += 1
                 tokens = labels.shape[1]
-                loss_sum += float(loss) * tokens
+                loss_sum += float(loss.detach()) * tokens
                 count += tokens
                 positives += labels.sum(1).double().cpu()
                 right += ((scores.detach() > 0).float() == labels).sum(1).double().cpu()
