@@ -22,9 +22,10 @@ from pathlib import Path
 from ease._io import atomic_path, atomic_write_text, jsonable
 from ease.calibration import calibrate_threshold
 from ease.config import TrainingConfig, create_deep_supervision_config, create_standard_config
-from ease.data import load_data, set_seed, unigram_baseline
+from ease.data import DataBundle, load_data, set_seed, unigram_baseline
 from ease.exits import DEFAULT_THRESHOLDS
-from ease.models import DeepSupervisionTransformer, EarlyExitDecoder, StandardTransformer
+from ease.models import DeepSupervisionTransformer, EarlyExitDecoder, ExitSettings, ModelConfig, StandardTransformer
+from ease.validation import check_int, check_real, check_threshold
 from ease.training import Trainer
 from ease.training.distributed import setup_distributed
 
@@ -49,6 +50,60 @@ class ExperimentSettings:
     seed: int = 0
     verbose: bool = True
     runs: tuple[str, ...] = ("standard", "deep_supervision", "asymmetric")  # a subset of RUN_NAMES
+
+
+SERVED_POSITIONS = 1024
+"""The positions the saved models serve (their ``max_seq_len``) unless ``seq_len`` is longer:
+generation is not capped at the training length. RoPE tables cost ``2 x positions x
+head_dim`` floats and the rows below ``seq_len`` are the same whatever the length, so
+training and every figure are unchanged."""
+
+
+def served_positions(settings: ExperimentSettings) -> int:
+    """``max_seq_len`` of the experiments' models: :data:`SERVED_POSITIONS`, or ``seq_len`` if longer."""
+    return max(SERVED_POSITIONS, settings.seq_len)
+
+
+def check_settings(settings: ExperimentSettings) -> ExperimentSettings:
+    """Check every setting before anything is loaded or written.
+
+    Raises:
+        FileNotFoundError: ``text`` names no file.
+        ValueError: a size, rate or count out of range, a threshold outside (0, 1], no
+            threshold to sweep, an unknown run, a model shape the decoder refuses
+            (``dim`` not divisible into even-width heads), or the asymmetric run with
+            fewer than 2 layers; each message names the setting as its flag reads.
+    """
+    if settings.text is not None and not Path(settings.text).is_file():
+        raise FileNotFoundError(f"--text {settings.text}: no such file")
+    check_int("--vocab-size", settings.vocab_size, 257, expected="an integer >= 257 (256 bytes + end of text)")
+    for flag in ("dim", "num_layers", "seq_len", "batch_size", "max_epochs", "patience"):
+        check_int("--" + flag.replace("_", "-"), getattr(settings, flag), 1)
+    check_int("--seed", settings.seed, 0)
+    check_real("--lr", settings.lr, 0.0, above=True, expected="a finite number > 0")
+    check_threshold("--threshold", settings.threshold, allow_none=False)
+    if not settings.thresholds:
+        raise ValueError("--thresholds must name at least one threshold")
+    for threshold in settings.thresholds:
+        check_threshold("--thresholds", threshold, allow_none=False)
+    unknown = [name for name in settings.runs if name not in RUN_NAMES]
+    if unknown or not settings.runs:
+        raise ValueError(f"--runs must name some of {','.join(RUN_NAMES)}, got {','.join(settings.runs) or 'none'}")
+    if "asymmetric" in settings.runs and settings.num_layers < 2:
+        raise ValueError(f"--num-layers must be >= 2 for the asymmetric run, got {settings.num_layers}")
+    try:
+        ModelConfig(settings.vocab_size, settings.dim, settings.num_layers, max_seq_len=served_positions(settings))
+    except ValueError as error:
+        raise ValueError(f"--dim {settings.dim}: {error}") from error
+    return settings
+
+
+def load_experiment_data(settings: ExperimentSettings) -> DataBundle:
+    """The corpus, tokenizer and batches of a comparison (nothing is written but the tokenizer cache)."""
+    return load_data(
+        settings.text, vocab_size=settings.vocab_size, seq_len=settings.seq_len,
+        batch_size=settings.batch_size, seed=settings.seed,
+    )  # fmt: skip
 
 
 def asymmetric_options(num_layers: int) -> tuple[dict[int, float], dict[int, float]]:
@@ -108,23 +163,29 @@ def build_runs(settings: ExperimentSettings) -> list[tuple[str, type[EarlyExitDe
     return [run for run in runs if run[0] in settings.runs]
 
 
-def run_experiments(settings: ExperimentSettings) -> dict:
+def run_experiments(settings: ExperimentSettings, data: DataBundle | None = None) -> dict:
     """Train and evaluate every run, write the output folder, and return the results.
+
+    Every setting is checked (:func:`check_settings`) and the data loaded (unless given,
+    from :func:`load_experiment_data`) before the output folder is created.
 
     Under ``torchrun`` every rank trains (DDP, each rank on its rows of every batch) and
     returns the same results; rank 0 alone prints and writes the output folder.
+
+    The saved models serve :func:`served_positions` positions, not only ``seq_len``; the
+    deep-supervision models carry the threshold :func:`ease.calibrate_threshold` picks
+    (at most one point of accuracy lost on the validation data) as their
+    ``exit_settings``, the default of their ``generate``.
     """
+    check_settings(settings)
+    data = load_experiment_data(settings) if data is None else data
     out = Path(settings.out)
     # The Trainers join this same process group; it tells which rank writes.
     writer = setup_distributed("auto").is_main
     if writer:
         out.mkdir(parents=True, exist_ok=True)
-    data = load_data(
-        settings.text, vocab_size=settings.vocab_size, seq_len=settings.seq_len,
-        batch_size=settings.batch_size, seed=settings.seed,
-    )
-    if writer:
-        data.tokenizer.save(str(out / "tokenizer.json"))
+        with atomic_path(out / "tokenizer.json") as tmp:
+            data.tokenizer.save(str(tmp))
     baseline = unigram_baseline(data.train_ids, data.val_ids, data.vocab_size)
     results = {
         "settings": asdict(settings),
@@ -136,7 +197,7 @@ def run_experiments(settings: ExperimentSettings) -> dict:
         if settings.verbose and writer:
             print(f"\n== {name} ==", flush=True)
         set_seed(settings.seed)
-        model = model_cls(data.vocab_size, settings.dim, settings.num_layers, max_seq_len=settings.seq_len)
+        model = model_cls(data.vocab_size, settings.dim, settings.num_layers, max_seq_len=served_positions(settings))
         trainer = Trainer(config, vocab_size=data.vocab_size)
         optimizer = trainer.create_optimizer(model, base_lr=settings.lr)
         start = time.perf_counter()
@@ -153,14 +214,14 @@ def run_experiments(settings: ExperimentSettings) -> dict:
             # One pass over the validation data scores every threshold (the same exit rule
             # and figures as evaluate(routing_threshold=...), without a pass per threshold).
             calibration = calibrate_threshold(model, data.val_batches, thresholds=settings.thresholds)
+            model.exit_settings = ExitSettings.from_calibration(calibration)
             points = {point.threshold: point for point in calibration.sweep}
             sweep = [
                 {key: getattr(points[float(t)], key) for key in ("threshold", "accuracy", "mean_exit_layer", "compute_saved")}
                 for t in settings.thresholds
             ]
         if writer:
-            model.save_pretrained(out / "models" / name)
-            data.tokenizer.save(str(out / "models" / name / "tokenizer.json"))
+            model.save_pretrained(out / "models" / name, tokenizer=data.tokenizer)
         results["runs"][name] = {
             "model_class": model_cls.__name__,
             "layer_weights": jsonable(config.layer_weights or {}),
@@ -242,14 +303,29 @@ def plot_results(results: dict, out: Path) -> list[Path]:
     for name, run in results["runs"].items():
         if run["threshold_sweep"]:
             sweep = run["threshold_sweep"]
-            ax.plot([r["mean_exit_layer"] for r in sweep], [r["accuracy"] for r in sweep], "o-", label=name)
+            line, = ax.plot([r["mean_exit_layer"] for r in sweep], [r["accuracy"] for r in sweep], "o-", label=name)
+            _label_thresholds(ax, sweep, line.get_color())
         else:
             ax.plot([num_layers], [run["evaluation"]["accuracy"]], "s", label=f"{name} (full depth)")
     ax.set_xlabel("mean layers used per token")
     ax.set_ylabel("next-token accuracy")
-    ax.set_title("early exit: accuracy against computation (threshold sweep)")
+    ax.set_title("early exit: accuracy against computation (points labelled τ)")
     written.append(_save_figure(fig, ax, out / "exit_tradeoff.png"))
     return written
+
+
+def _label_thresholds(ax, sweep: list[dict], color: str) -> None:
+    """Write each point's threshold beside it, skipping points that would overprint the last label."""
+    x_span = max(r["mean_exit_layer"] for r in sweep) - min(r["mean_exit_layer"] for r in sweep) or 1.0
+    y_span = max(r["accuracy"] for r in sweep) - min(r["accuracy"] for r in sweep) or 1.0
+    last = None
+    for row in sweep:
+        x, y = row["mean_exit_layer"], row["accuracy"]
+        if last is not None and abs(x - last[0]) < 0.04 * x_span and abs(y - last[1]) < 0.04 * y_span:
+            continue
+        ax.annotate(f"τ={row['threshold']:g}", (x, y), xytext=(3, 3), textcoords="offset points", fontsize=6,
+                    color=color)
+        last = (x, y)
 
 
 def _save_figure(fig, ax, path: Path) -> Path:
@@ -265,6 +341,8 @@ def _save_figure(fig, ax, path: Path) -> Path:
 
 
 if __name__ == "__main__":  # python -m ease.experiments
+    import sys
+
     from ease.cli.experiments import main
 
-    main()
+    sys.exit(main())

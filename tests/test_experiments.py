@@ -45,7 +45,7 @@ def finished(corpus, tmp_path_factory) -> tuple[dict, Path]:
     cache = tmp_path_factory.mktemp("bpe-cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EASE_CACHE_DIR", str(cache))  # never the user's ~/.cache
-        results = experiments_cli.main(tiny_flags(corpus, out))
+        results = experiments_cli.run(tiny_flags(corpus, out))
     return results, out
 
 
@@ -162,3 +162,102 @@ def test_under_torchrun_rank_zero_alone_prints_and_writes(corpus, tmp_path) -> N
     results = json.loads((out / "results.json").read_text())
     assert list(results["runs"]) == ["deep_supervision"]
     assert not list(out.rglob("*.tmp"))
+
+
+# -- flags are checked before any file is written; one error line, exit status 2 ----------
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--text", "no/such/file.txt"], "--text no/such/file.txt: no such file"),
+        (["--threshold", "1.5"], "--threshold must be in (0, 1], got 1.5"),
+        (["--thresholds", "0.5,0"], "--thresholds must be in (0, 1], got 0.0"),
+        (["--dim", "30"], "--dim 30: num_heads must be >= 1 and divide dim=30"),
+        (["--lr", "0"], "--lr must be a finite number > 0"),
+        (["--vocab-size", "100"], "--vocab-size must be an integer >= 257"),
+        (["--num-layers", "1"], "--num-layers must be >= 2 for the asymmetric run"),
+        (["--runs", "standard,bogus"], "--runs must name some of standard,deep_supervision,asymmetric"),
+        (["--threads", "0"], "--threads must be an integer >= 1, got 0"),
+    ],
+)
+def test_bad_flags_are_one_error_line_before_any_file(tmp_path, capsys, flags, message) -> None:
+    out = tmp_path / "out"
+    assert experiments_cli.main(["--out", str(out), "--quiet", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not out.exists()
+
+
+def test_argparse_errors_are_one_line_too(capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        experiments_cli.parse_args(["--dim", "wide"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: argument --dim")
+
+
+def test_a_corpus_too_small_is_an_error_line_not_a_traceback(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("EASE_CACHE_DIR", str(tmp_path / "cache"))
+    text = tmp_path / "tiny.txt"
+    text.write_text("too short", encoding="utf-8")
+    assert experiments_cli.main(["--text", str(text), "--out", str(tmp_path / "out"), "--quiet",
+                                 "--vocab-size", "300"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_threads_is_one_on_small_machines(monkeypatch) -> None:
+    monkeypatch.setattr(experiments_cli.os, "cpu_count", lambda: 2)
+    assert experiments_cli.default_threads() == 1
+    monkeypatch.setattr(experiments_cli.os, "cpu_count", lambda: 32)
+    assert experiments_cli.default_threads() == 8
+
+
+# -- saved models: tokenizer, positions beyond the training length, calibrated settings -----
+def test_saved_models_serve_more_positions_than_they_trained_on(finished) -> None:
+    from tokenizers import Tokenizer
+
+    results, out = finished
+    folder = out / "models" / "deep_supervision"
+    model = load_model(folder)
+    assert model.config.max_seq_len == experiments.SERVED_POSITIONS > results["settings"]["seq_len"]
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    generated = model.generate([tokenizer.encode("The").ids], 200)
+    assert generated.new_tokens.shape == (1, 200)
+    # The calibrated threshold travels with the model, as generate's default.
+    settings = model.exit_settings
+    assert settings.calibration["max_accuracy_drop"] == 0.01
+    assert settings.routing_threshold == settings.calibration["threshold"]
+    assert load_model(out / "models" / "standard").exit_settings.routing_threshold is None
+
+
+def test_a_longer_rope_table_changes_nothing_in_training() -> None:
+    import torch
+
+    from ease import DeepSupervisionTransformer, create_deep_supervision_config
+
+    batch = torch.randint(0, 300, (4, 17), generator=torch.Generator().manual_seed(0))
+    losses, states = [], []
+    for positions in (16, experiments.SERVED_POSITIONS):
+        torch.manual_seed(0)
+        model = DeepSupervisionTransformer(300, 16, 3, max_seq_len=positions)
+        trainer = Trainer(create_deep_supervision_config(3, verbose=False), vocab_size=300)
+        loss, _ = trainer.compute_loss(model, batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        losses.append(loss.item())
+        states.append({name: p.grad.clone() for name, p in model.named_parameters()})
+        states[-1]["rope_cos"] = model.rope_cos[:16].clone()
+    assert losses[0] == losses[1]
+    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])
+
+
+def test_tradeoff_points_are_labelled_with_their_threshold() -> None:
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    sweep = [{"threshold": t, "mean_exit_layer": 3 - t, "accuracy": 0.2 + t / 10} for t in (0.2, 0.5, 0.9)]
+    sweep.append({"threshold": 0.95, "mean_exit_layer": 2.1, "accuracy": 0.29})  # on top of 0.9: not relabelled
+    experiments._label_thresholds(ax, sweep, "C0")
+    assert [text.get_text() for text in ax.texts] == ["τ=0.2", "τ=0.5", "τ=0.9"]
+    plt.close(fig)
