@@ -59,33 +59,40 @@ TARGET_SPECULATIVE_SPEEDUP = 1.3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_generation", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-dir", default="runs/bench_generation_model", help="where the model is saved/loaded")
-    parser.add_argument("--retrain", action="store_true", help="train even if --model-dir holds a model")
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--vocab-size", type=int, default=1000)
-    parser.add_argument("--seq-len", type=int, default=128, help="training window (prompt + new tokens fit in it)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--max-epochs", type=int, default=20)
-    parser.add_argument("--train-minutes", type=float, default=3.0, help="training stops after the epoch that passes this")
-    parser.add_argument("--train-device", default="auto", help="auto (cuda if present), cpu or cuda")
-    parser.add_argument("--prompts", type=int, default=8, help="validation prompts")
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--thresholds", default="0.2,0.3,0.5,0.7,0.9,0.95")
-    parser.add_argument("--min-exit-layers", default="1,2,4", help="min_exit_layer values for the early-exit rows")
-    parser.add_argument("--draft", default="3x4,4x4,6x4,3x8@0.3,4x8@0.3,6x8@0.3",
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.bench_generation", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,  # every option shows its default
+    )
+    model = parser.add_argument_group("the model (trained once, then loaded from --model-dir)")
+    model.add_argument("--model-dir", default="runs/bench_generation_model", help="where the model is saved/loaded")
+    model.add_argument("--retrain", action="store_true", help="train even if --model-dir holds a model")
+    model.add_argument("--layers", type=int, default=12, help="number of transformer blocks")
+    model.add_argument("--dim", type=int, default=128, help="model width")
+    model.add_argument("--vocab-size", type=int, default=1000, help="BPE vocabulary of the built-in corpus")
+    model.add_argument("--seq-len", type=int, default=128, help="training window (prompt + new tokens fit in it)")
+    model.add_argument("--batch-size", type=int, default=16, help="training batch size (windows per step)")
+    model.add_argument("--lr", type=float, default=2e-3, help="training learning rate")
+    model.add_argument("--max-epochs", type=int, default=20, help="most training epochs (early stopping may end sooner)")
+    model.add_argument("--train-minutes", type=float, default=3.0, help="training stops after the epoch that passes this")
+    model.add_argument("--train-device", default="auto", help="auto (cuda if present), cpu or cuda")
+    timing = parser.add_argument_group("what is timed")
+    timing.add_argument("--prompts", type=int, default=8, help="validation prompts")
+    timing.add_argument("--prompt-len", type=int, default=32, help="tokens per prompt")
+    timing.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt")
+    timing.add_argument("--thresholds", default="0.2,0.3,0.5,0.7,0.9,0.95",
+                        help="comma-separated routing thresholds of the early-exit rows")
+    timing.add_argument("--min-exit-layers", default="1,2,4", help="min_exit_layer values for the early-exit rows")
+    timing.add_argument("--draft", default="3x4,4x4,6x4,3x8@0.3,4x8@0.3,6x8@0.3",
                         help="self-speculative settings ExK (draft layers x tokens), ExK@t with draft_threshold t")
-    parser.add_argument("--batched-min-exit-layer", type=int, default=2,
+    timing.add_argument("--batched-min-exit-layer", type=int, default=2,
                         help="batches larger than 1 time full depth, self-speculation and early exit at this min layer only")
-    parser.add_argument("--batch-sizes", default="1,8", help="1 = each prompt alone; n = the prompts in batches of n")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats (median)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads while timing")
-    parser.add_argument("--max-accuracy-drop", type=float, default=0.01, help="for the calibrated threshold row")
-    parser.add_argument("--quick", action="store_true", help="few prompts, tokens and settings (a smoke test)")
-    parser.add_argument("--out", default="bench/results")
+    timing.add_argument("--batch-sizes", default="1,8", help="1 = each prompt alone; n = the prompts in batches of n")
+    timing.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats (median)")
+    timing.add_argument("--threads", type=int, default=1, help="torch CPU threads while timing")
+    timing.add_argument("--max-accuracy-drop", type=float, default=0.01, help="for the calibrated threshold row")
+    timing.add_argument("--quick", action="store_true",
+                        help="few prompts, tokens and settings (a smoke test): 2 prompts, 16 tokens, 1 repeat")
+    parser.add_argument("--out", default="bench/results", help="folder of the markdown and JSON results")
     args = parser.parse_args(argv)
     if args.quick:
         args.prompts, args.new_tokens, args.repeats = 2, 16, 1
