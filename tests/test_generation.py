@@ -606,3 +606,82 @@ def test_exit_criterion_defaults_to_the_stored_one_and_is_checked():
         model.generate(PROMPTS, 2, routing_threshold=0.5, exit_criterion="entropy")
     with pytest.raises(ValueError, match="needs the model's exit classifier"):
         model.generate(PROMPTS, 2, routing_threshold=0.5, exit_criterion="classifier")
+
+
+# ---------------------------------------------------------------------------------------
+# Batched early exit: the whole batch rides through a block while any row is active
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("compact_fraction", [0.0, 0.5, 1.0], ids=["never-gather", "gather-half", "always-gather"])
+@pytest.mark.parametrize("criterion, threshold", [("max_prob", 0.25), ("margin", 0.1), ("saturation", 0.9)])
+def test_batched_early_exit_matches_the_definition_however_rows_are_gathered(
+    monkeypatch, compact_fraction, criterion, threshold
+):
+    """Rows that exited ride along (never-gather), are dropped at once (always-gather) or
+    once few are left; their skipped layers' cache must still come from state propagation."""
+    import torch.nn.functional as F
+    from ease.generation import early_exit
+
+    monkeypatch.setattr(early_exit, "COMPACT_FRACTION", {"cpu": compact_fraction})
+    model = random_model()
+    scores = {
+        "max_prob": lambda logits, hidden, previous, layer: ease_kernels.exit_confidence(logits).confidence,
+        "margin": lambda logits, hidden, previous, layer: ease_kernels.exit_confidence(logits, criterion="margin").confidence,
+        "saturation": lambda logits, hidden, previous, layer: F.cosine_similarity(hidden, previous, dim=-1),
+    }
+    prompts = PROMPTS + [[7, 7, 1], [4, 4, 4, 4, 2, 1]]
+    out = model.generate(prompts, 12, routing_threshold=threshold, exit_criterion=criterion)
+    for row, prompt in enumerate(prompts):
+        tokens, exits = early_exit_reference(model, prompt, 12, threshold, score=scores[criterion])
+        assert out.new_tokens[row].tolist() == tokens, f"row {row}"
+        assert out.exit_layers[row].tolist() == exits, f"row {row}"
+    assert len(set(out.exit_layers.flatten().tolist())) >= 3
+    assert out.block_evaluations == int(out.exit_layers[:, 1:].sum())
+    equal = torch.tensor([[3, 1, 4], [5, 9, 2], [6, 5, 3]])  # rows sharing positions: the shared-slot path
+    shared = model.generate(equal, 12, routing_threshold=threshold, exit_criterion=criterion)
+    for row in range(3):
+        alone = model.generate(equal[row : row + 1], 12, routing_threshold=threshold, exit_criterion=criterion)
+        assert torch.equal(shared.new_tokens[row], alone.new_tokens[0]) and torch.equal(shared.exit_layers[row], alone.exit_layers[0])
+
+
+# ---------------------------------------------------------------------------------------
+# Adaptive self-speculation: the draft depth chosen per round
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("draft_layers", ["auto", [1, 3], [2]])
+@pytest.mark.parametrize("draft_threshold", [None, 0.3])
+def test_auto_draft_depth_is_lossless(draft_layers, draft_threshold):
+    model = random_model(num_layers=6)
+    prompts = PROMPTS + [[7, 7, 1]]
+    full = model.generate(prompts, 20)
+    spec = model.generate(prompts, 20, draft_layers=draft_layers, num_draft_tokens=4, draft_threshold=draft_threshold)
+    assert torch.equal(spec.new_tokens, full.new_tokens)
+    depths = {1, 2, 3} if draft_layers == "auto" else set(draft_layers)
+    assert set(spec.exit_layers.unique().tolist()) <= depths | {6}
+    assert int((spec.exit_layers < 6).sum()) == spec.accepted_draft_tokens <= spec.draft_tokens
+    for row, prompt in enumerate(prompts[:2]):
+        alone = model.generate([prompt], 20, draft_layers=draft_layers, draft_threshold=draft_threshold)
+        assert torch.equal(alone.new_tokens[0], full.new_tokens[row])
+    if draft_layers == [2]:  # one candidate: the same rounds as the fixed depth
+        fixed = model.generate(prompts, 20, draft_layers=2, num_draft_tokens=4, draft_threshold=draft_threshold)
+        assert torch.equal(spec.exit_layers, fixed.exit_layers) and spec.draft_tokens == fixed.draft_tokens
+
+
+def test_draft_depth_tries_each_candidate_then_keeps_the_most_tokens_per_compute():
+    from ease.generation.speculative import DraftDepth, auto_draft_depths
+
+    assert auto_draft_depths(12) == (2, 3, 4, 6) and auto_draft_depths(4) == (1, 2) and auto_draft_depths(2) == (1,)
+    chooser = DraftDepth((2, 4), num_layers=12, position_cost=1.0, trials=1)
+    assert chooser.round_cost(2, rows=1, drafted=3) == 12 * 4  # c = 1: (position, block) pairs
+    assert chooser.choose() == 2
+    chooser.record(2, rows=1, drafted=3, tokens=2)  # 2 tokens for 48
+    assert chooser.choose() == 4
+    chooser.record(4, rows=1, drafted=3, tokens=4)  # 4 tokens for 48
+    assert chooser.choose() == 4 and chooser.efficiency() == {2: 2 / 48, 4: 4 / 48}
+    cheap = DraftDepth((2,), num_layers=12, position_cost=0.0)
+    assert cheap.round_cost(2, rows=8, drafted=3) == 2 * 4 + 10  # draft calls in turn, one verification call
+
+
+def test_bad_draft_layers_are_named():
+    model = random_model()
+    for bad in ("deep", [], [0, 2], [4]):
+        with pytest.raises(ValueError, match="draft_layers"):
+            model.generate([[1, 2]], 3, draft_layers=bad)

@@ -11,7 +11,7 @@ from ease.exits import ExitRule
 from ease.generation.early_exit import generate_early_exit
 from ease.generation.output import GenerationOutput
 from ease.generation.sampling import Sampler
-from ease.generation.speculative import generate_speculative
+from ease.generation.speculative import DraftDepth, auto_draft_depths, generate_speculative
 from ease.models import UNSET, ExitSettings
 from ease.validation import ArgumentTypeError, check_int, check_real, check_threshold, is_int
 
@@ -113,6 +113,27 @@ def exit_arguments(model: EarlyExitDecoder, routing_threshold: Any, min_exit_lay
     return routing_threshold, min_exit_layer, draft_layers
 
 
+def check_draft_layers(draft_layers: Any, num_layers: int) -> int | DraftDepth:
+    """A draft depth in ``1..num_layers - 1``, or a :class:`DraftDepth` over ``"auto"``'s
+    candidates or a list of depths.
+
+    Raises:
+        ValueError: a depth out of range, an empty list, or another string than ``"auto"``.
+    """
+    if isinstance(draft_layers, str):
+        if draft_layers != "auto":
+            raise ValueError(f"draft_layers must be an integer, 'auto' or a list of integers, got {draft_layers!r}")
+        if num_layers < 2:
+            raise ValueError("draft_layers='auto' needs num_layers >= 2")
+        return DraftDepth(auto_draft_depths(num_layers), num_layers)
+    if isinstance(draft_layers, Sequence):
+        if not draft_layers:
+            raise ValueError("draft_layers must list at least one depth")
+        depths = sorted({check_int("draft_layers", d, 1, num_layers - 1) for d in draft_layers})
+        return DraftDepth(tuple(depths), num_layers)
+    return check_int("draft_layers", draft_layers, 1, num_layers - 1)
+
+
 class _eval_mode:
     """Evaluation mode (no dropout) inside the block; the previous mode afterwards."""
 
@@ -136,7 +157,7 @@ def generate(
     top_k: int | None = None,
     *,
     min_exit_layer: int = UNSET,
-    draft_layers: int | None = UNSET,
+    draft_layers: int | str | Sequence[int] | None = UNSET,
     num_draft_tokens: int = 4,
     draft_threshold: float | None = None,
     exit_criterion: str = UNSET,
@@ -196,6 +217,11 @@ def generate(
         draft_layers: self-speculative decoding with the first ``draft_layers`` blocks as
             the draft model (``1 <= E < num_layers``); excludes ``routing_threshold``.
             Unset: the stored draft depth when no threshold applies (see above).
+            ``"auto"`` or a list of depths: the depth is chosen per round among these
+            candidates (``"auto"``: about 1/6, 1/4, 1/3 and 1/2 of the layers), each tried
+            first, then the one with the most tokens per unit of compute so far
+            (:class:`~ease.generation.speculative.DraftDepth`, whose docstring gives the
+            cost model); lossless like any fixed depth.
         num_draft_tokens: the most tokens drafted per verification (``>= 1``).
         draft_threshold: stop drafting a row at the first draft whose exit confidence is
             below this (in (0, 1]; needs ``draft_layers``); its verification comes sooner
@@ -243,7 +269,7 @@ def generate(
     if draft_layers is not None:
         if rule.threshold is not None:
             raise ValueError("routing_threshold and draft_layers exclude each other: pick early exit or self-speculation")
-        draft_layers = check_int("draft_layers", draft_layers, 1, num_layers - 1)
+        draft_layers = check_draft_layers(draft_layers, num_layers)
     num_draft_tokens = check_int("num_draft_tokens", num_draft_tokens, 1)
     draft_threshold = check_threshold("draft_threshold", draft_threshold)
     if draft_threshold is not None and draft_layers is None:
