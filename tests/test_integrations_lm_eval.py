@@ -37,7 +37,12 @@ def offline(tmp_path_factory):
     saved = {key: os.environ.get(key) for key in ("HF_DATASETS_CACHE", "HF_HOME", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
     os.environ.update(HF_DATASETS_CACHE=str(cache / "datasets"), HF_HOME=str(cache), HF_DATASETS_OFFLINE="1",
                       HF_HUB_OFFLINE="1")
+    import datasets.config  # read its environment at import: the in-process runs need the path set here
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(datasets.config, "HF_DATASETS_CACHE", cache / "datasets")
     yield dict(os.environ)
+    patch.undo()
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
