@@ -174,7 +174,9 @@ class _Unset:
 UNSET: Any = _Unset()
 """Not given: ``generate`` takes the value from the model's :class:`ExitSettings`."""
 
-_CALIBRATION_KEYS = ("threshold", "max_accuracy_drop", "num_tokens", "full_depth_accuracy")
+_CALIBRATION_KEYS = (
+    "threshold", "max_accuracy_drop", "num_tokens", "full_depth_accuracy", "risk", "confidence", "guarantee",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -248,6 +250,10 @@ class ExitSettings:
                 "max_accuracy_drop": calibration.max_accuracy_drop,
                 "num_tokens": calibration.num_tokens,
                 "full_depth_accuracy": calibration.full_depth_accuracy,
+                # What was guaranteed, and with what confidence (None: measured only).
+                "risk": calibration.risk,
+                "confidence": calibration.confidence,
+                "guarantee": calibration.guarantee,
             },
         )
 
@@ -291,6 +297,18 @@ def _check_calibration(value: object) -> dict[str, Any]:
         checked["full_depth_accuracy"] = check_real(
             "calibration['full_depth_accuracy']", value["full_depth_accuracy"], 0.0, 1.0
         )
+    if "risk" in value:
+        if value["risk"] not in ("accuracy", "agreement"):
+            raise ValueError(f"calibration['risk'] must be 'accuracy' or 'agreement', got {value['risk']!r}")
+        checked["risk"] = value["risk"]
+    if value.get("confidence") is not None:
+        checked["confidence"] = check_real("calibration['confidence']", value["confidence"], 0.0, 1.0, above=True, below=True)
+    elif "confidence" in value:
+        checked["confidence"] = None
+    if "guarantee" in value:
+        if value["guarantee"] is not None and not isinstance(value["guarantee"], str):
+            raise ArgumentTypeError(f"calibration['guarantee'] must be a string or None, got {value['guarantee']!r}")
+        checked["guarantee"] = value["guarantee"]
     return checked
 
 

@@ -431,3 +431,15 @@ def test_risk_controlled_calibration_errors():
         calibrate_threshold(model, val, confidence=0.9, risk="loss")
     with pytest.raises(ValueError, match="per_sequence"):
         calibrate_threshold(model, val, per_sequence=True)
+
+
+def test_a_guaranteed_calibration_travels_with_the_model(tmp_path):
+    from ease import ExitSettings, load_model
+
+    model, val = random_model(), batches()
+    result = calibrate_threshold(model, val, 0.3, confidence=0.9, risk="agreement")
+    model.exit_settings = ExitSettings.from_calibration(result)
+    model.save_pretrained(tmp_path)
+    stored = load_model(tmp_path).exit_settings.calibration
+    assert stored["risk"] == "agreement" and stored["confidence"] == 0.9
+    assert stored["guarantee"] == result.guarantee and "probability >= 0.9" in result.guarantee
