@@ -44,6 +44,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 
 from ease._io import atomic_path, atomic_write_text
+from ease.validation import check_int, check_real
 
 __all__ = [
     "CORPORA",
@@ -183,12 +184,10 @@ def _train_bpe(text: str | Sequence[str], vocab_size: int) -> Tokenizer:
 
 def _check_vocab_size(vocab_size: object) -> None:
     """Raise unless ``vocab_size`` is an int of at least 257."""
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
-        raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
-    if vocab_size < _MIN_VOCAB_SIZE:
-        raise ValueError(
-            f"vocab_size must be at least {_MIN_VOCAB_SIZE} (256 bytes + {END_OF_TEXT}), got {vocab_size}"
-        )
+    check_int(
+        "vocab_size", vocab_size, _MIN_VOCAB_SIZE,
+        expected=f"an integer of at least {_MIN_VOCAB_SIZE} (256 bytes + {END_OF_TEXT})",
+    )  # fmt: skip
 
 
 def _warn_if_vocab_short(tokenizer: Tokenizer, vocab_size: int, what: str, stacklevel: int) -> None:
@@ -368,11 +367,8 @@ def make_batches(
             short for one window, or (with ``drop_last``) for one full batch.
     """
     ids = _as_id_stream(ids)
-    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    batch_size = check_int("batch_size", batch_size, 1)
+    seq_len = check_int("seq_len", seq_len, 1)
 
     num_windows = (ids.numel() - 1) // seq_len
     if num_windows < 1:
@@ -564,8 +560,7 @@ def is_validation_file(path: str, val_fraction: float = STDLIB_VAL_FRACTION) -> 
 
 
 def _check_val_fraction(val_fraction: object) -> None:
-    if isinstance(val_fraction, bool) or not (isinstance(val_fraction, (int, float)) and 0.0 < val_fraction < 1.0):
-        raise ValueError(f"val_fraction must be strictly between 0 and 1, got {val_fraction!r}")
+    check_real("val_fraction", val_fraction, 0.0, 1.0, above=True, below=True, expected="strictly between 0 and 1")
 
 
 @dataclass(frozen=True)
@@ -958,8 +953,7 @@ def unigram_baseline(
         ValueError: ids are not 1-D, are empty, or fall outside ``[0, vocab_size)``;
             ``vocab_size`` < 1.
     """
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    vocab_size = check_int("vocab_size", vocab_size, 1, expected="a positive integer")
     train_ids = _as_id_stream(train_ids, "train_ids")
     val_ids = _as_id_stream(val_ids, "val_ids")
     for name, ids in (("train_ids", train_ids), ("val_ids", val_ids)):
@@ -989,11 +983,7 @@ def set_seed(seed: int) -> None:
         TypeError: ``seed`` is not an int.
         ValueError: ``seed`` is outside ``[0, 2**32)`` (the range NumPy accepts).
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    seed = int(seed)
-    if not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    seed = check_int("seed", seed, 0, 2**32 - 1, expected="an integer in [0, 2**32)")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
