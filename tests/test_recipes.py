@@ -250,8 +250,9 @@ def test_gradual_curriculum_switches_exits_on_from_the_last() -> None:
         ExitCurriculum("gradual", num_layers=5)
 
 
-def test_curriculum_layers_off_compute_no_logits() -> None:
-    trainer = Trainer(config(exit_curriculum="rotational", curriculum_period=2, fused_loss=False), VOCAB)
+@pytest.mark.parametrize("fused_loss", [False, True], ids=["plain", "fused"])
+def test_curriculum_layers_off_compute_no_logits(fused_loss: bool) -> None:
+    trainer = Trainer(config(exit_curriculum="rotational", curriculum_period=2, fused_loss=fused_loss), VOCAB)
     model = tiny()
     asked = []
     hidden_states = model.hidden_states
