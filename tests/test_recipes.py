@@ -361,3 +361,20 @@ def test_token_budget_sets_the_schedule_horizon() -> None:
     assert planned_steps(config(max_tokens=10_000), data, max_epochs=5) == 50
     assert planned_steps(config(max_steps=7, max_tokens=100), data, max_epochs=5) == 7
     assert planned_steps(config(), iter(data), max_epochs=5) is None
+
+
+def test_metrics_reach_tensorboard_when_it_is_installed(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = Trainer(config(log_dir=str(tmp_path), log_every=1, max_steps=2, eval_every=2), VOCAB)
+    model = tiny()
+    trainer.train_with_early_stopping(model, batches(2), batches(1, seed=1), trainer.create_optimizer(model, 3e-3))
+    trainer.metrics.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "eval/loss", f"train/layer{LAYERS}/accuracy"} <= tags
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [line["loss"] for line in lines if line["kind"] == "train"]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(losses)
