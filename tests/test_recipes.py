@@ -361,6 +361,12 @@ def test_token_budget_sets_the_schedule_horizon() -> None:
     assert planned_steps(config(max_tokens=10_000), data, max_epochs=5) == 50
     assert planned_steps(config(max_steps=7, max_tokens=100), data, max_epochs=5) == 7
     assert planned_steps(config(), iter(data), max_epochs=5) is None
+    # A DataLoader is never drawn from: its shuffling generator stays where it was.
+    generator = torch.Generator().manual_seed(3)
+    loader = torch.utils.data.DataLoader(torch.cat(data), batch_size=4, shuffle=True, generator=generator)
+    before = generator.get_state()
+    assert planned_steps(config(max_tokens=100), loader, max_epochs=5) == 5 * len(loader)
+    assert torch.equal(generator.get_state(), before)
 
 
 def test_metrics_reach_tensorboard_when_it_is_installed(tmp_path: Path) -> None:

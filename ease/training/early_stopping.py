@@ -117,18 +117,67 @@ def keep_if_best(
     return improved
 
 
+def evaluate_and_keep(
+    trainer: Trainer,
+    model: EarlyExitDecoder,
+    val_batches: Iterable[Batch],
+    epoch: int,
+    train_loss: float,
+    start: float,
+    min_delta: float,
+    where: str,
+    **extra: Any,
+) -> tuple[dict[str, Any], bool]:
+    """Evaluate, log, append to the history and keep the best state: one evaluation of a run.
+
+    Args:
+        epoch: the epoch the evaluation falls in (1-based).
+        train_loss: the training loss since the previous evaluation.
+        start: when that training began (``time.perf_counter()``): the entry's ``seconds``
+            are training plus evaluation.
+        where: how the non-finite error names the moment (``"after epoch 3"``).
+        **extra: more history fields (``step``, ``tokens`` of a run counted in steps).
+
+    Returns:
+        ``(figures, improved)``: :meth:`~ease.Trainer.evaluate`'s dict and whether it
+        improved on the best (see :func:`keep_if_best`).
+
+    Raises:
+        FloatingPointError: a non-finite validation objective.
+    """
+    progress = trainer.progress
+    val = trainer.evaluate(model, val_batches)
+    seconds = time.perf_counter() - start
+    if trainer.config.log_dir is not None:
+        trainer.metrics.evaluation(progress.step, trainer.tokens_seen, val)
+    val_loss = val["objective"]
+    if not math.isfinite(val_loss):
+        raise FloatingPointError(f"non-finite validation objective {val_loss} {where}")
+    progress.history.append(
+        {"epoch": epoch, **extra, "train_loss": train_loss, "val_loss": val_loss, "val": val, "seconds": seconds}
+    )
+    return val, keep_if_best(progress, model, trainer.distributed, val_loss, epoch, min_delta)
+
+
+def _failure(error: FloatingPointError, epoch: int, checkpoint_path: Path | None, last_good: str | None) -> FloatingPointError:
+    """The error of a failed epoch, saying which checkpoint was left as it was (``last_good``)."""
+    kept = f"; the last good checkpoint, {checkpoint_path} ({last_good}), is left as it was" if checkpoint_path and last_good else ""
+    return FloatingPointError(f"epoch {epoch}: {error}{kept}")
+
+
 def planned_steps(config: TrainingConfig, train_batches: Iterable[Batch], max_epochs: int) -> int | None:
     """The optimiser steps a run plans: what a decaying schedule and the gradual curriculum span.
 
     ``max_steps`` when set; else, under a token budget, the steps that budget takes at the
-    first batch's token count; capped by (or else) ``max_epochs * len(train_batches)``;
-    None when neither is known (a generator of batches without a step budget).
+    first batch's token count (batches given as a list or tuple: a ``DataLoader`` is never
+    drawn from here, which would load a batch and move its shuffling generator); capped
+    by (or else) ``max_epochs * len(train_batches)``; None when neither is known.
     """
     if config.max_steps is not None:
         return config.max_steps
     by_epochs = max_epochs * len(train_batches) if hasattr(train_batches, "__len__") else None
-    if config.max_tokens is not None:
-        first = next(iter(train_batches), None)
+    if config.max_tokens is not None and isinstance(train_batches, (list, tuple)):
+        first = train_batches[0] if train_batches else None
         if first is not None:
             _, targets = split_batch(first)
             per_step = max(int((targets != IGNORE_INDEX).sum()), 1)
@@ -186,23 +235,11 @@ def train_with_early_stopping(
         try:
             train_loss = trainer.train_epoch(model, train_batches, optimizer, verbose=verbose)
         except FloatingPointError as error:
-            kept = (
-                f"; the last good checkpoint, {checkpoint_path} (epoch {progress.epoch}), is left as it was"
-                if checkpoint_path is not None and progress.epoch > 0
-                else ""
-            )
-            raise FloatingPointError(f"epoch {epoch}: {error}{kept}") from error
-        val = trainer.evaluate(model, val_batches)
-        seconds = time.perf_counter() - start
-        if config.log_dir is not None:
-            trainer.metrics.evaluation(progress.step, trainer.tokens_seen, val)
-        val_loss = val["objective"]
-        if not math.isfinite(val_loss):
-            raise FloatingPointError(f"non-finite validation objective {val_loss} after epoch {epoch}")
-        progress.history.append(
-            {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val": val, "seconds": seconds}
+            raise _failure(error, epoch, checkpoint_path, f"epoch {progress.epoch}" if progress.epoch else None) from error
+        val, improved = evaluate_and_keep(
+            trainer, model, val_batches, epoch, train_loss, start, min_delta, where=f"after epoch {epoch}"
         )
-        improved = keep_if_best(progress, model, context, val_loss, epoch, min_delta)
+        val_loss, seconds = val["objective"], progress.history[-1]["seconds"]
         progress.epoch = epoch
         if checkpoint_path is not None:
             # After an improving epoch the best state is the model's state, gathered
@@ -266,20 +303,17 @@ def _train_by_steps(
             config.max_tokens is not None and position["tokens"] >= config.max_tokens
         )
 
-    def evaluate(epoch: int, train_loss: float, seconds: float) -> bool:
-        """Evaluate, keep the best state, checkpoint; True when patience ran out."""
-        val = trainer.evaluate(model, val_batches)
-        if config.log_dir is not None:
-            trainer.metrics.evaluation(progress.step, position["tokens"], val)
-        val_loss = val["objective"]
-        if not math.isfinite(val_loss):
-            raise FloatingPointError(f"non-finite validation objective {val_loss} at step {progress.step}")
-        position["evaluations"] += 1
-        progress.history.append(
-            {"epoch": epoch, "step": progress.step, "tokens": position["tokens"], "train_loss": train_loss,
-             "val_loss": val_loss, "val": val, "seconds": seconds}
+    def evaluate(epoch: int) -> bool:
+        """Evaluate the training since the last evaluation, keep the best state, checkpoint;
+        True when patience ran out or a budget is spent."""
+        train_loss = window["loss"] / max(window["tokens"], 1)
+        val, improved = evaluate_and_keep(
+            trainer, model, val_batches, epoch, train_loss, window["start"], min_delta,
+            where=f"at step {progress.step}", step=progress.step, tokens=trainer.tokens_seen,
         )  # fmt: skip
-        improved = keep_if_best(progress, model, context, val_loss, epoch, min_delta)
+        window.update(loss=0.0, tokens=0, start=time.perf_counter())
+        val_loss, seconds = val["objective"], progress.history[-1]["seconds"]
+        position["evaluations"] += 1
         if improved:
             position["best_step"] = progress.step
         if checkpoint_path is not None:
@@ -292,7 +326,7 @@ def _train_by_steps(
                 f"step {progress.step:6d} | train {train_loss:.4f} | val objective {val_loss:.4f} | "
                 f"val loss {val['loss']:.4f} | acc {val['accuracy']:.3f} | {seconds:.1f}s{' *' if improved else ''}"
             )
-        return progress.epochs_without_improvement >= patience
+        return progress.epochs_without_improvement >= patience or spent()
 
     finished = progress.epochs_without_improvement >= patience or spent()
     window = {"loss": 0.0, "tokens": 0, "start": time.perf_counter()}
@@ -315,10 +349,7 @@ def _train_by_steps(
             window["tokens"] += figures.tokens
             due = config.eval_every is not None and progress.step % config.eval_every == 0
             if due or spent():
-                train_loss = window["loss"] / max(window["tokens"], 1)
-                seconds = time.perf_counter() - window["start"]
-                finished = evaluate(epoch, train_loss, seconds) or spent()
-                window.update(loss=0.0, tokens=0, start=time.perf_counter())
+                finished = evaluate(epoch)
             return finished
 
         try:
@@ -327,19 +358,13 @@ def _train_by_steps(
                 skip=skip,
             )  # fmt: skip
         except FloatingPointError as error:
-            kept = (
-                f"; the last good checkpoint, {checkpoint_path} (step {position.get('checkpoint_step', 0)}), is left as it was"
-                if checkpoint_path is not None and position["evaluations"] > 0
-                else ""
-            )
-            raise FloatingPointError(f"epoch {epoch}: {error}{kept}") from error
+            last_good = f"step {position['checkpoint_step']}" if "checkpoint_step" in position else None
+            raise _failure(error, epoch, checkpoint_path, last_good) from error
         if not stopped:
             progress.epoch = epoch
             position["batch_in_epoch"] = 0
             if config.eval_every is None and window["tokens"]:
-                train_loss = window["loss"] / window["tokens"]
-                finished = evaluate(epoch, train_loss, time.perf_counter() - window["start"]) or spent()
-                window.update(loss=0.0, tokens=0, start=time.perf_counter())
+                finished = evaluate(epoch)
 
     if progress.best_epoch > 0:
         dist_utils.load_full_model_state_dict(model, progress.best_state or {}, context)
