@@ -183,8 +183,11 @@ class ExitRule:
         :func:`ease_kernels.exit_confidence`; at a layer that cannot exit, ``exit`` is None.
         Arguments as for :meth:`score`.
         """
-        if self.criterion == "max_prob":  # one kernel pass reads score, prediction and decision
-            return ease_kernels.exit_confidence(logits, self.threshold if self.checks(layer) else None)
+        if self.criterion in _KERNEL_CRITERIA:  # one kernel pass reads score, prediction and decision
+            threshold = self.threshold if self.checks(layer) else None
+            if self.criterion == "max_prob":
+                return ease_kernels.exit_confidence(logits, threshold)
+            return ease_kernels.exit_confidence(logits, threshold, criterion=self.criterion)
         if not self.checks(layer):
             prediction = None if logits is None else logits.argmax(-1)
             return ease_kernels.ExitDecision(None, prediction, None)

@@ -110,11 +110,11 @@ class StepRunner:
         """
         model, config, context = self.model, self.config, self.context
         device = model.device
-        weights = self.curriculum.weights(dict(self.weights), step)
+        weights = self.curriculum.weights(self.weights, step)
         active = supervised_layers(weights)
         fused = uses_fused_loss(model, config)
-        rows = split_batch(batch)[0].shape[0]
-        keep = self.dropout.keep(step, rows) if self.dropout.enabled else None
+        # Drawn for every row of the batch as given (the global batch), before it is split.
+        keep = self.dropout.keep(step, split_batch(batch)[0].shape[0]) if self.dropout.enabled else None
         shards, tokens = prepare_shards(
             batch, self.vocab_size, device, context, config.grad_accumulation_steps, presharded, keep=keep
         )
@@ -138,13 +138,12 @@ class StepRunner:
             counts = torch.stack([correct[layer] for layer in active]).double() if active else values[:0]
             sums += torch.cat([values.double() * shard_tokens, counts])
         sums = dist_utils.all_reduce_sum(sums, context)
-        parameters = [p for p in model.parameters() if p.grad is not None]
         if config.grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         else:
             # Measured even without clipping: a non-finite gradient must stop the step
             # before the optimiser writes NaN into the weights.
-            norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+            norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
         norm = dist_utils.reduce_grad_norm(norm).double().reshape(1).to(device)
         # One host sync per step reads the losses, the counts and the gradient norm.
         values = torch.cat([sums, norm]).tolist()

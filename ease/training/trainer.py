@@ -264,11 +264,10 @@ class Trainer:
                 batch index) and the layer, on every rank alike. Raised before the
                 optimiser step, so the weights are those before the failing batch.
         """
-        weights, wrapped = self._prepare(model)
         verbose = self.config.verbose if verbose is None else verbose
+        runner = self.step_runner(model, optimizer)  # checks the model and wraps it first
         self._check_optimizer(model, optimizer)
         self._remember(model, optimizer)
-        runner = self.step_runner(model, optimizer)
         mean, _, _ = loop.train_epoch(
             runner, train_batches, show_progress=verbose and self.distributed.is_main,
             first_step=self.progress.step, on_step=self.count_step,
@@ -310,12 +309,9 @@ class Trainer:
     def count_step(self, figures: loop.StepFigures) -> None:
         """Account for one optimiser step: :attr:`progress`, and the metrics log when configured."""
         self.progress.step += 1
-        position = self.progress.position
-        if position is not None:
-            position["tokens"] += figures.tokens
-            self._tokens_seen = position["tokens"]
-        else:
-            self._tokens_seen += figures.tokens
+        self._tokens_seen += figures.tokens
+        if self.progress.position is not None:  # what a checkpoint of a step-counted run stores
+            self.progress.position["tokens"] = self._tokens_seen
         if self.config.log_dir is not None:
             self.metrics.step(
                 self.progress.step, self._tokens_seen, figures.tokens, figures.lr, figures.loss_sum,
