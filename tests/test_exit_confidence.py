@@ -114,19 +114,24 @@ def test_kernel_vocab_262144(triton_backend, device):
     check_against_truth(logits, exit_confidence(logits, 0.5), TOLERANCE[torch.float32], 0.5)
 
 
+# Positions of tied maxima in a row of 2 * BLOCK + 50 logits, each a different case of the
+# online update (same lane) or the cross-lane combine.
+TIE_SETS = [
+    [5, 5 + BLOCK],  # same lane, later block
+    [BLOCK + 9, 3],  # lower lane holds the lower index
+    [BLOCK - 1, BLOCK + 2],  # higher lane holds the lower index
+    [2 * BLOCK + 10, 2 * BLOCK + 49],  # both in the partial last block
+    [2 * BLOCK + 1, BLOCK + 3, 7],  # three-way
+]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", list(TOLERANCE))
 def test_kernel_ties_give_first_index(triton_backend, device, dtype):
     """Duplicated maxima in the same lane, in different lanes either way round, in the
     remainder block, three-way, and a constant row: the first index wins, as in torch.max."""
     vocab = 2 * BLOCK + 50
-    tie_sets = [
-        [5, 5 + BLOCK],  # same lane, later block
-        [BLOCK + 9, 3],  # lower lane holds the lower index
-        [BLOCK - 1, BLOCK + 2],  # higher lane holds the lower index
-        [2 * BLOCK + 10, 2 * BLOCK + 49],  # both in the partial last block
-        [2 * BLOCK + 1, BLOCK + 3, 7],  # three-way
-    ]
+    tie_sets = TIE_SETS
     torch.manual_seed(2)
     logits = torch.randn(len(tie_sets) + 1, vocab, device=device).clamp(-3, 3)
     for row, indices in enumerate(tie_sets):
@@ -392,13 +397,7 @@ def test_margin_of_a_tied_maximum_is_zero(triton_backend, device, dtype):
     combine), three-way, after the lane's maximum grew, and a constant row. A unique maximum
     beside a tied second keeps its margin."""
     vocab = 2 * BLOCK + 50
-    tie_sets = [
-        [5, 5 + BLOCK],  # same lane, later block
-        [BLOCK + 9, 3],  # lower lane holds the lower index
-        [BLOCK - 1, BLOCK + 2],  # higher lane holds the lower index
-        [2 * BLOCK + 10, 2 * BLOCK + 49],  # both in the partial last block
-        [2 * BLOCK + 1, BLOCK + 3, 7],  # three-way
-    ]
+    tie_sets = TIE_SETS
     torch.manual_seed(11)
     logits = torch.randn(len(tie_sets) + 3, vocab, device=device).clamp(-3, 3)
     for row, indices in enumerate(tie_sets):

@@ -116,6 +116,3 @@ def plot_accuracy_per_layer(evaluation: dict[str, Any], path: str | os.PathLike)
     ax.set_ylabel("next-token accuracy")
     ax.set_title("validation accuracy per layer")
     return _save_figure(fig, ax, Path(path))
-
-
-# --------------------------------------------------------------------------- the command
