@@ -258,7 +258,6 @@ def specs() -> list[Spec]:
     cos = sin = _meta(4096, 64, dtype=torch.float32)
     logits, targets = _meta(16384, 32000), _meta(2048, dtype=torch.int64)
     chunk = _meta(2048, 32000)
-    row = lambda name: Loop(name, _per_thread("BLOCK"))  # noqa: E731
 
     def rope_loop(name: str, heads: int) -> Loop:
         # Elements of real heads (masked rows of the tile do no useful work) per thread.

@@ -454,10 +454,9 @@ class EarlyExitDecoder(nn.Module):
             raise ValueError(
                 f"input_ids has {input_ids.shape[1]} positions, more than max_seq_len={self.config.max_seq_len}"
             )
-        if input_ids.numel():
-            low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync, not two
-            if low < 0 or high >= self.vocab_size:
-                raise ValueError(f"input_ids must lie in [0, {self.vocab_size}), got range [{low}, {high}]")
+        low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync, not two
+        if low < 0 or high >= self.vocab_size:
+            raise ValueError(f"input_ids must lie in [0, {self.vocab_size}), got range [{low}, {high}]")
 
     def hidden_states(
         self, input_ids: torch.Tensor, layers: Iterable[int], keep: torch.Tensor | None = None
