@@ -59,7 +59,21 @@ def _build_parser(defaults: ExperimentSettings) -> argparse.ArgumentParser:
                         help=f"CPU threads for torch (default here: {default_threads()}; 1 on machines of up to "
                              "4 cores, where more threads than free cores slow training several times)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    parser.add_argument("--suite", choices=SUITES, default="comparison",
+                        help="comparison (default): these three runs; depth: five recipes on a 12-layer model on "
+                             "the standard-library corpus (see --suite depth --help)")
     return parser
+
+
+SUITES = ("comparison", "depth")
+
+
+def _suite(argv: list[str] | None) -> str:
+    """The ``--suite`` named in ``argv`` (default ``comparison``); its own flags are parsed by that suite."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--suite", default="comparison")
+    known, _ = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return known.suite
 
 
 def parse_args(argv: list[str] | None = None) -> ExperimentSettings:
@@ -77,7 +91,7 @@ def _parse(argv: list[str] | None) -> tuple[ExperimentSettings, int | None]:
     except ValueError:
         parser.error(f"--thresholds must be comma-separated numbers, got {args.thresholds!r}")
     runs = tuple(name.strip() for name in args.runs.split(",") if name.strip())
-    values = {k: v for k, v in vars(args).items() if k not in ("thresholds", "quiet", "runs", "threads")}
+    values = {k: v for k, v in vars(args).items() if k not in ("thresholds", "quiet", "runs", "threads", "suite")}
     return ExperimentSettings(**values, thresholds=thresholds, verbose=not args.quiet, runs=runs), args.threads
 
 
@@ -116,10 +130,14 @@ def run(argv: list[str] | None = None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m ease.experiments`` and ``ease-experiments``; returns the exit status.
 
-    A bad flag, a missing or unreadable corpus, or a corpus too small for the batches
+    ``--suite depth`` hands the flags to :func:`ease.cli.depth_suite.main`. A bad flag, a missing or unreadable corpus, or a corpus too small for the batches
     (all found before any output is written) prints one ``error: ...`` line and returns
     2; errors during training propagate with their traceback.
     """
+    if _suite(argv) == "depth":
+        from ease.cli.depth_suite import main as depth_main
+
+        return depth_main(argv)
     try:
         settings, data = _prepare(argv)
     except (ValueError, TypeError, OSError) as error:

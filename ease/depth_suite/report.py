@@ -1,0 +1,179 @@
+"""The depth suite's ``results.md`` and figures, from its ``results.json`` dict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ease._io import atomic_path
+from ease.exits import EXIT_CRITERIA
+
+__all__ = ["best_early_exit", "plot_suite", "suite_table"]
+
+
+def best_early_exit(rows: list[dict[str, Any]], batch: int, agreement: float) -> dict[str, Any] | None:
+    """The fastest early-exit row at ``batch`` whose decision agreement reaches ``agreement``."""
+    passing = [r for r in rows if r["batch"] == batch and r["mode"] == "early exit" and r["decision_agreement"] >= agreement]
+    return max(passing, key=lambda r: r["speedup"], default=None)
+
+
+def _row(rows: list[dict[str, Any]], batch: int, mode: str) -> dict[str, Any] | None:
+    return next((r for r in rows if r["batch"] == batch and r["mode"] == mode), None)
+
+
+def _speed_cell(row: dict[str, Any] | None, with_setting: bool = True) -> str:
+    if row is None:
+        return "none ≥ 90%"
+    cell = f"{row['speedup']:.2f}x"
+    if with_setting and row["mode"] == "early exit":
+        cell += f" ({row['criterion']} τ={row['threshold']:g}, {row['decision_agreement']:.0%}, L̄={row['mean_exit_layer']:.1f})"
+    elif row["mode"] == "self-speculative":
+        cell += " (identical)" if row["output_agreement"] == 1.0 else f" (output agreement {row['output_agreement']:.3f})"
+    return cell
+
+
+def suite_table(results: dict[str, Any]) -> str:
+    """Markdown: the summary table (one row per recipe), then each recipe's timed settings."""
+    recipes = results["recipes"]
+    num_layers = results["settings"]["num_layers"]
+    standard = recipes.get("standard", {}).get("layers", {}).get(num_layers) or recipes.get("standard", {}).get(
+        "layers", {}).get(str(num_layers))
+    batches = results["settings"]["batch_sizes"]
+    speed_columns = "".join(f" batch {b} early exit | batch {b} self-spec |" for b in batches)
+    lines = [
+        "| recipe | final-layer acc | vs standard | final-layer loss | mean exit layer at 90% (max_prob, held out) |"
+        + speed_columns + " train time |",
+        "| --- | ---: | ---: | ---: | ---: |" + " --- | --- |" * len(batches) + " ---: |",
+    ]
+    for name, run in recipes.items():
+        layers = {int(k): v for k, v in run["layers"].items()}
+        final = layers[num_layers]
+        delta = "" if standard is None else f"{100 * (final['accuracy'] - standard['accuracy']):+.1f} pt"
+        certified = run["criteria"]["max_prob"]["certified"].get("0.9") or {}
+        depth = certified.get("held_out_mean_exit_layer")
+        depth_cell = "none certified" if depth is None else (
+            f"{depth:.2f} (τ={certified['threshold']:g}, agreement {certified['held_out_agreement']:.3f})")
+        rows = run["generation"]
+        lines.append(
+            f"| {name} | {final['accuracy']:.3f} | {delta} | {final['loss']:.3f} | {depth_cell} | "
+            + "".join(f"{_speed_cell(best_early_exit(rows, b, 0.9))} | {_speed_cell(_row(rows, b, 'self-speculative'))} | "
+                      for b in batches)
+            + f"{run['training']['train_seconds']:.0f} s |"
+        )
+    lines += ["", "Speed-ups are tokens/s against full depth at the same batch size, timed interleaved in the same "
+              "run; early exit is the fastest certified setting whose generated tokens agree with full depth's "
+              "greedy choice at least 90% of the time (τ: threshold, L̄: mean exit layer)."]
+    for name, run in recipes.items():
+        lines += ["", f"### {name}", "",
+                  "| batch | mode | criterion | target | threshold | tokens/s | speed-up | mean exit layer | "
+                  "decision agreement | output = full depth | draft acceptance |",
+                  "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in run["generation"]:
+            accept = "" if r["draft_acceptance"] is None else f"{r['draft_acceptance']:.2f}"
+            lines.append(
+                f"| {r['batch']} | {r['mode']} | {r['criterion'] or ''} | {r['target'] or ''} | "
+                f"{'' if r['threshold'] is None else format(r['threshold'], 'g')} | {r['tokens_per_s']:.0f} | "
+                f"{r['speedup']:.2f}x | {r['mean_exit_layer']:.2f} | {r['decision_agreement']:.3f} | "
+                f"{r['output_agreement']:.3f} | {accept} |"
+            )
+        held = []
+        for criterion, entry in run["criteria"].items():
+            for target, cert in entry["certified"].items():
+                if cert["threshold"] is None:
+                    held.append(f"{criterion}@{target}: none certified")
+                else:
+                    held.append(f"{criterion}@{target}: τ={cert['threshold']:g} → held-out agreement "
+                                f"{cert['held_out_agreement']:.3f}, mean exit layer {cert['held_out_mean_exit_layer']:.2f}")
+        lines += ["", "Certified thresholds (Learn-then-Test, agreement ≥ target with probability ≥ "
+                  f"{results['settings']['confidence']:g}): " + "; ".join(held) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_suite(results: dict[str, Any], out: Path) -> list[Path]:
+    """``per_layer.png``, ``exit_tradeoff.png``, ``generation_speed.png`` and
+    ``final_layer_cost.png``; nothing when matplotlib is absent."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("matplotlib is not installed: skipping plots (pip install 'ease[plots]')")
+        return []
+    recipes = results["recipes"]
+    num_layers = results["settings"]["num_layers"]
+    colors = {name: f"C{i}" for i, name in enumerate(recipes)}
+    written = []
+
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    accuracy_ax, loss_ax = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    for name, run in recipes.items():
+        layers = sorted((int(k), v) for k, v in run["layers"].items())
+        accuracy_ax.plot([l for l, _ in layers], [v["accuracy"] for _, v in layers], "o-", ms=3, color=colors[name], label=name)
+        loss_ax.plot([l for l, _ in layers], [v["loss"] for _, v in layers], "o-", ms=3, color=colors[name], label=name)
+    for ax, label in ((accuracy_ax, "validation accuracy"), (loss_ax, "validation loss (nats/token)")):
+        ax.set_xlabel("exit layer")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    accuracy_ax.legend(fontsize=7)
+    figure.suptitle("quality of every layer's exit, per recipe")
+    written.append(_save(figure, out / "per_layer.png"))
+
+    figure = Figure(figsize=(11, 8), layout="constrained")
+    for i, criterion in enumerate(EXIT_CRITERIA):
+        ax = figure.add_subplot(2, 2, i + 1)
+        for name, run in recipes.items():
+            sweep = run["criteria"][criterion]["sweep"]
+            ax.plot([p["mean_exit_layer"] for p in sweep], [p["accuracy"] for p in sweep], "o-", ms=3,
+                    color=colors[name], label=name)
+        ax.set_title(f"criterion: {criterion}")
+        ax.set_xlabel("mean exit layer")
+        ax.set_ylabel("next-token accuracy")
+        ax.set_xlim(0.5, num_layers + 0.5)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    figure.suptitle("accuracy against mean exit layer (threshold sweep, held-out text, teacher-forced)")
+    written.append(_save(figure, out / "exit_tradeoff.png"))
+
+    batches = results["settings"]["batch_sizes"]
+    figure = Figure(figsize=(5.5 * len(batches), 4.3), layout="constrained")
+    for i, batch in enumerate(batches):
+        ax = figure.add_subplot(1, len(batches), i + 1)
+        for name, run in recipes.items():
+            rows = [r for r in run["generation"] if r["batch"] == batch]
+            exits = sorted((r["decision_agreement"], r["speedup"]) for r in rows if r["mode"] == "early exit")
+            if exits:
+                ax.plot(*zip(*exits), "o", color=colors[name], label=f"{name} early exit")
+            for r in rows:
+                if r["mode"] == "self-speculative":
+                    ax.plot([r["decision_agreement"]], [r["speedup"]], "*", ms=12, color=colors[name],
+                            markeredgecolor="black", label=f"{name} self-spec")
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.axvline(0.9, color="grey", lw=0.6, ls="--")
+        ax.set_xlabel("decision agreement with full depth (generated tokens)")
+        ax.set_ylabel("tokens/s over full depth (same run)")
+        ax.set_title(f"batch {batch}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    figure.suptitle("measured generation speed against agreement")
+    written.append(_save(figure, out / "generation_speed.png"))
+
+    standard = recipes.get("standard")
+    if standard is not None:
+        base = {int(k): v for k, v in standard["layers"].items()}[num_layers]
+        names = [n for n in recipes if n != "standard"]
+        figure = Figure(figsize=(6, 3.6), layout="constrained")
+        ax = figure.add_subplot(1, 1, 1)
+        deltas = [100 * ({int(k): v for k, v in recipes[n]["layers"].items()}[num_layers]["accuracy"] - base["accuracy"])
+                  for n in names]
+        ax.bar(names, deltas, color=[colors[n] for n in names])
+        ax.axhline(0, color="black", lw=0.8)
+        ax.axhline(-1, color="grey", lw=0.6, ls="--", label="1 point below standard")
+        ax.set_ylabel("final-layer accuracy − standard's (points)")
+        ax.set_title("what each recipe costs the last layer")
+        ax.legend(fontsize=7)
+        written.append(_save(figure, out / "final_layer_cost.png"))
+    return written
+
+
+def _save(figure, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=120, format="png")
+    return path
