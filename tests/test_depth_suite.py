@@ -127,7 +127,8 @@ def test_trained_models_are_reused_unless_retrain(finished, data) -> None:
 
 def test_figures_are_png_files(finished) -> None:
     _, out = finished
-    for name in ("per_layer.png", "exit_tradeoff.png", "generation_speed.png", "final_layer_cost.png"):
+    for name in ("per_layer.png", "exit_tradeoff.png", "generation_speed.png", "criteria_speed.png",
+                 "final_layer_cost.png"):
         assert (out / name).read_bytes()[:8] == PNG_SIGNATURE
 
 

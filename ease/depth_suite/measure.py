@@ -114,17 +114,20 @@ def criterion_sweeps(
 def generation_settings(
     sweeps: dict[str, dict[str, Any]], targets: Sequence[float], min_exit_layer: int, draft_tokens: int
 ) -> list[dict[str, Any]]:
-    """What is timed: full depth, early exit at each certified threshold of ``max_prob``,
-    the other criteria at the first target, and self-speculation (draft depth ``"auto"``)."""
+    """What is timed: full depth, early exit at every criterion's certified threshold for
+    each target (a threshold certified for several targets is timed once, under the
+    highest), and self-speculation (draft depth ``"auto"``)."""
     settings: list[dict[str, Any]] = [{"mode": "full", "criterion": None, "target": None, "options": {}}]
     for criterion in EXIT_CRITERIA:
-        for target in targets if criterion == "max_prob" else targets[:1]:
+        timed: dict[float, dict[str, Any]] = {}
+        for target in sorted(targets):
             threshold = sweeps[criterion]["certified"][str(target)]["threshold"]
             if threshold is None:
                 continue
-            settings.append({"mode": "early exit", "criterion": criterion, "target": target, "options": {
+            timed[threshold] = {"mode": "early exit", "criterion": criterion, "target": target, "options": {
                 "routing_threshold": threshold, "min_exit_layer": min_exit_layer, "exit_criterion": criterion,
-            }})
+            }}
+        settings += timed.values()
     settings.append({"mode": "self-speculative", "criterion": None, "target": None,
                      "options": {"draft_layers": "auto", "num_draft_tokens": draft_tokens}})
     return settings

@@ -54,7 +54,7 @@ class DepthSuiteSettings:
     eval_every: int = 200
     eval_batches: int = 24  # validation batches per evaluation, calibration and check (each)
     min_exit_layer: int = 2
-    targets: tuple[float, ...] = (0.9, 0.95)  # decision agreements the exit thresholds are calibrated for
+    targets: tuple[float, ...] = (0.9, 0.95, 0.99)  # decision agreements the exit thresholds are calibrated for
     confidence: float = 0.9  # 1 - delta of the calibrated agreement bound
     prompts: int = 8
     prompt_len: int = 32

@@ -90,8 +90,8 @@ def suite_table(results: dict[str, Any]) -> str:
 
 
 def plot_suite(results: dict[str, Any], out: Path) -> list[Path]:
-    """``per_layer.png``, ``exit_tradeoff.png``, ``generation_speed.png`` and
-    ``final_layer_cost.png``; nothing when matplotlib is absent."""
+    """``per_layer.png``, ``exit_tradeoff.png``, ``generation_speed.png``,
+    ``criteria_speed.png`` and ``final_layer_cost.png``; nothing when matplotlib is absent."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -154,6 +154,31 @@ def plot_suite(results: dict[str, Any], out: Path) -> list[Path]:
         ax.legend(fontsize=6)
     figure.suptitle("measured generation speed against agreement")
     written.append(_save(figure, out / "generation_speed.png"))
+
+    figure = Figure(figsize=(3.2 * len(recipes), 3.0 * len(batches)), layout="constrained")
+    for i, batch in enumerate(batches):
+        for j, (name, run) in enumerate(recipes.items()):
+            ax = figure.add_subplot(len(batches), len(recipes), i * len(recipes) + j + 1)
+            rows = [r for r in run["generation"] if r["batch"] == batch]
+            for k, criterion in enumerate(EXIT_CRITERIA):
+                points = sorted((r["decision_agreement"], r["speedup"]) for r in rows if r["criterion"] == criterion)
+                if points:
+                    ax.plot(*zip(*points), "o-", ms=4, color=f"C{k}", label=criterion)
+            for r in rows:
+                if r["mode"] == "self-speculative":
+                    ax.plot([r["decision_agreement"]], [r["speedup"]], "*", ms=11, color="black", label="self-spec")
+            ax.axhline(1.0, color="black", lw=0.6)
+            ax.set_title(f"{name}, batch {batch}", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+            if i == len(batches) - 1:
+                ax.set_xlabel("decision agreement", fontsize=7)
+            if j == 0:
+                ax.set_ylabel("speed-up over full depth", fontsize=7)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=6)
+    figure.suptitle("speed against agreement, one curve per exit criterion (thresholds certified for each target)")
+    written.append(_save(figure, out / "criteria_speed.png"))
 
     standard = recipes.get("standard")
     if standard is not None:
