@@ -7,6 +7,7 @@ Every flag is checked before any file is written; a bad one ends the command wit
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from dataclasses import fields, replace
@@ -65,7 +66,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[DepthSuiteSettings, int |
             given[flag] = tuple(kind(item.strip()) for item in text.split(",") if item.strip())
         except ValueError:
             parser.error(f"--{flag.replace('_', '-')} must be comma-separated {kind.__name__} values, got {text!r}")
-    return replace(settings, **given, retrain=args.retrain, verbose=not args.quiet), args.threads
+    command = "python -m ease.experiments " + shlex.join(sys.argv[1:] if argv is None else argv)
+    extra = {**settings.extra, "command": command}
+    return replace(settings, **given, retrain=args.retrain, verbose=not args.quiet, extra=extra), args.threads
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,26 @@ def suite_table(results: dict[str, Any]) -> str:
         "layers", {}).get(str(num_layers))
     batches = results["settings"]["batch_sizes"]
     speed_columns = "".join(f" batch {b} early exit | batch {b} self-spec |" for b in batches)
+    env, settings, data = results["environment"], results["settings"], results["data"]
+    machine = env.get("gpu") or f"{env['machine']} CPU, {env['cpu_count']} cores, {env['threads']} torch thread(s)"
     lines = [
+        "# Depth suite", "",
+        f"- date: {env['date']}; machine: {machine}; python {env['python']}, torch {env['torch']}",
+        f"- data: {settings['corpus']} corpus, {data['train_tokens']:,} training and {data['val_tokens']:,} validation "
+        f"tokens, {data['vocab_size']}-token BPE",
+        f"- model: {settings['num_layers']} layers, dim {settings['dim']}, {settings['num_heads']} heads; "
+        f"{settings['max_steps']} steps of {settings['batch_size']} x {settings['seq_len']} tokens per recipe "
+        f"(lr {settings['lr']:g}, cosine, seed {settings['seed']})",
+        f"- generation: {settings['prompts']} held-out prompts of {settings['prompt_len']} tokens, "
+        f"{settings['new_tokens']} new tokens, greedy, min_exit_layer {settings['min_exit_layer']}, median of "
+        f"{settings['repeats']} interleaved repeats",
+    ]
+    if settings.get("extra", {}).get("command"):
+        lines.append(f"- command: `{settings['extra']['command']}`")
+    if "seconds" in results:
+        lines.append(f"- wall time of the run: {results['seconds'] / 60:.1f} min")
+    lines += [
+        "",
         "| recipe | final-layer acc | vs standard | final-layer loss | mean exit layer at 90% (max_prob, held out) |"
         + speed_columns + " train time |",
         "| --- | ---: | ---: | ---: | ---: |" + " --- | --- |" * len(batches) + " ---: |",
