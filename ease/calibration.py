@@ -331,6 +331,24 @@ class CalibrationResult:
         """The sweep point of :attr:`threshold` (None when no threshold qualifies)."""
         return next((point for point in self.sweep if point.threshold == self.threshold), None)
 
+    def certified_threshold(self, max_accuracy_drop: float) -> float | None:
+        """The risk-controlled threshold for another ``max_accuracy_drop``, on the same sample.
+
+        The tested losses do not depend on the allowed drop, so the fixed-sequence test is
+        rerun on their sums at the same ``confidence``: what :func:`calibrate_threshold`
+        would return with this ``max_accuracy_drop``, without another pass over the data.
+
+        Raises:
+            ValueError: the result is not risk-controlled (``confidence=None``), or a bad
+                ``max_accuracy_drop``.
+        """
+        if self.confidence is None or self.tested_tokens is None:
+            raise ValueError("certified_threshold needs a risk-controlled result: calibrate with confidence=...")
+        max_accuracy_drop = check_real("max_accuracy_drop", max_accuracy_drop, 0.0)
+        sums = [round(point.risk_estimate * self.tested_tokens) for point in self.sweep]
+        return _test_thresholds([p.threshold for p in self.sweep], sums, self.tested_tokens, max_accuracy_drop,
+                                1.0 - self.confidence, "binomial").threshold
+
     def to_dict(self) -> dict[str, Any]:
         """Plain types only, for JSON."""
         return asdict(self)

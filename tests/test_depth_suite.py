@@ -177,3 +177,21 @@ def test_bad_flags_are_one_error_line_before_any_file(tmp_path, capsys, flags, m
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and "\n" not in err
     assert not out.exists()
+
+
+def test_certified_threshold_matches_a_fresh_calibration_for_each_drop() -> None:
+    from _builders import random_batches, tiny_model
+    from ease.calibration import calibrate_threshold
+
+    model = tiny_model(seed=3, weight_std=0.3, eval_mode=True)
+    batches = random_batches(6, vocab_size=50, seed=4)
+    grid = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8]
+    first = calibrate_threshold(model, batches, 0.05, thresholds=grid, confidence=0.9, risk="agreement")
+    seen = set()
+    for drop in (0.02, 0.1, 0.2, 0.4, 0.6):
+        fresh = calibrate_threshold(model, batches, drop, thresholds=grid, confidence=0.9, risk="agreement")
+        assert first.certified_threshold(drop) == fresh.threshold
+        seen.add(fresh.threshold)
+    assert len(seen) > 1  # the drops chosen certify different thresholds
+    with pytest.raises(ValueError, match="risk-controlled"):
+        calibrate_threshold(model, batches, 0.1, thresholds=grid).certified_threshold(0.1)

@@ -84,29 +84,33 @@ def criterion_sweeps(
     results = {}
     for criterion in EXIT_CRITERIA:
         grid = GRIDS[criterion]
-        certified = {}
-        sweep = None
-        for target in targets:
-            calibration = calibrate_threshold(
-                model, calibration_batches, 1 - target, thresholds=grid, min_exit_layer=min_exit_layer,
-                exit_criterion=criterion, confidence=confidence, risk="agreement",
-            )
-            sweep = sweep or [
-                {"threshold": p.threshold, "accuracy": p.accuracy, "agreement": p.agreement,
-                 "mean_exit_layer": p.mean_exit_layer}
-                for p in calibration.sweep
-            ]
-            certified[str(target)] = {"threshold": calibration.threshold, "guarantee": calibration.guarantee}
+        # One pass per criterion: the tested losses (disagreement with the last layer) do
+        # not depend on the target, so every target's test reruns on the same sums.
+        calibration = calibrate_threshold(
+            model, calibration_batches, 1 - min(targets), thresholds=grid, min_exit_layer=min_exit_layer,
+            exit_criterion=criterion, confidence=confidence, risk="agreement",
+        )
+        sweep = [
+            {"threshold": p.threshold, "accuracy": p.accuracy, "agreement": p.agreement,
+             "mean_exit_layer": p.mean_exit_layer}
+            for p in calibration.sweep
+        ]
         check = calibrate_threshold(
             model, check_batches, thresholds=grid, min_exit_layer=min_exit_layer, exit_criterion=criterion
         )
         held_out = {p.threshold: p for p in check.sweep}
-        for entry in certified.values():
-            point = held_out.get(entry["threshold"])
-            entry["held_out_agreement"] = None if point is None else point.agreement
-            entry["held_out_accuracy"] = None if point is None else point.accuracy
-            entry["held_out_mean_exit_layer"] = None if point is None else point.mean_exit_layer
-        results[criterion] = {"sweep": sweep, "certified": certified,
+        certified = {}
+        for target in targets:
+            threshold = calibration.certified_threshold(1 - target)
+            point = held_out.get(threshold)
+            certified[str(target)] = {
+                "threshold": threshold,
+                "calibration_agreement": next((p["agreement"] for p in sweep if p["threshold"] == threshold), None),
+                "held_out_agreement": None if point is None else point.agreement,
+                "held_out_accuracy": None if point is None else point.accuracy,
+                "held_out_mean_exit_layer": None if point is None else point.mean_exit_layer,
+            }
+        results[criterion] = {"sweep": sweep, "certified": certified, "tested_tokens": calibration.tested_tokens,
                               "full_depth_accuracy": calibration.full_depth_accuracy}
     return results
 
