@@ -52,6 +52,7 @@ from tokenizers import Tokenizer
 from bench.common import environment, markdown_table, write_results
 from ease import DeepSupervisionTransformer, Trainer, calibrate_threshold, create_deep_supervision_config, load_model
 from ease.data import encode, load_data, load_text, make_batches, set_seed, split_tokens
+from ease.generation.measure import decision_agreement, generate_all
 
 TARGET_EARLY_EXIT_SPEEDUP = 2.0
 TARGET_EARLY_EXIT_AGREEMENT = 0.90
@@ -187,25 +188,9 @@ def train_or_load(args: argparse.Namespace) -> tuple[DeepSupervisionTransformer,
 # ---------------------------------------------------------------------------------------
 # Measurements
 # ---------------------------------------------------------------------------------------
-def run_setting(model, prompts: list[list[int]], batch_size: int, new_tokens: int, options: dict) -> list:
-    """Generate for every prompt, ``batch_size`` prompts per call; the outputs, in prompt order."""
-    return [
-        model.generate(prompts[i : i + batch_size], new_tokens, **options)
-        for i in range(0, len(prompts), batch_size)
-    ]
-
-
-@torch.no_grad()
-def decision_agreement(model, prompts: list[list[int]], new: torch.Tensor) -> float:
-    """Fraction of new tokens equal to full depth's greedy choice after the same prefix."""
-    num_layers = model.num_layers
-    agree = total = 0
-    for prompt, tokens in zip(prompts, new):
-        ids = torch.tensor([prompt + tokens.tolist()])
-        logits = model(ids[:, :-1], exit_layers=[num_layers])[num_layers][0, len(prompt) - 1 :]
-        agree += int((logits.argmax(-1) == tokens).sum())
-        total += tokens.numel()
-    return agree / total
+# run_setting and decision_agreement are ease.generation.measure's, kept under these names for
+# the benchmarks that import them from here.
+run_setting = generate_all
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
