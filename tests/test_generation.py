@@ -271,6 +271,37 @@ def test_state_propagation_fills_skipped_layers_from_the_exited_state():
     assert cache.keys[0].abs().sum() == 0 and cache.keys[:, :, :5].abs().sum() == 0
 
 
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per-row"])
+def test_state_propagation_fill_equals_one_call_per_exit_layer(per_row):
+    """fill (every row of a step at once, rows exiting at different layers or not at all)
+    writes what one __call__ per exit layer writes, and leaves the layers a row ran alone."""
+    from ease.generation import CacheSlots
+    from ease.generation.early_exit import StatePropagation
+
+    model = random_model()
+    propagate = StatePropagation(model)
+    hidden = torch.randn(4, 32)
+    layers = torch.tensor([1, 3, 4, 2])  # 4 = num_layers: row 2 did not exit
+    if per_row:
+        slots = CacheSlots.per_row(model, torch.tensor([[5], [3], [6], [4]]), None, 7)
+    else:
+        slots = CacheSlots.shared(model, 5, 1)
+    expected, got = KVCache.for_model(model, 4, 8), KVCache.for_model(model, 4, 8)
+    for cache in (expected, got):
+        cache.keys.normal_(generator=torch.Generator().manual_seed(0))
+        cache.values.normal_(generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for layer in (1, 2, 3):
+            rows = (layers == layer).nonzero().squeeze(1)
+            propagate(expected, hidden[rows], layer, slots.select(rows))
+        propagate.fill(got, hidden, layers, 1, slots)
+    # One product over all rows instead of one per exit layer: equal up to the matmul's rounding.
+    torch.testing.assert_close(got.keys, expected.keys)
+    torch.testing.assert_close(got.values, expected.values)
+    for row, layer in enumerate(layers.tolist()):  # the layers a row ran are left as they were
+        assert torch.equal(got.keys[:layer, row], expected.keys[:layer, row])
+
+
 def test_standard_transformer_can_exit_early_too():
     model = random_model(StandardTransformer)
     out = model.generate([PROMPTS[0]], 6, routing_threshold=0.3)

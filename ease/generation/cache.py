@@ -215,3 +215,21 @@ class KVCache:
             rows, position = slots.row_index(k.shape[1]), slots.positions[:, 0]
         self.keys[layer:, rows, position] = k
         self.values[layer:, rows, position] = v
+
+    def store_after_where(
+        self, layer: int, slots: CacheSlots, k: torch.Tensor, v: torch.Tensor, where: torch.Tensor
+    ) -> None:
+        """:meth:`store_after` only where ``where`` ``(num_layers - layer, n)`` is True; the
+        other entries keep what the cache holds."""
+        mask = where[:, :, None, None]
+        if slots.positions is None and slots.rows is None:
+            keys, values = self.keys[layer:, :, slots.start], self.values[layer:, :, slots.start]  # views
+            keys.copy_(torch.where(mask, k, keys))
+            values.copy_(torch.where(mask, v, values))
+            return
+        if slots.positions is None:
+            rows, position = slots.rows, slots.start
+        else:
+            rows, position = slots.row_index(k.shape[1]), slots.positions[:, 0]
+        self.keys[layer:, rows, position] = torch.where(mask, k, self.keys[layer:, rows, position])
+        self.values[layer:, rows, position] = torch.where(mask, v, self.values[layer:, rows, position])

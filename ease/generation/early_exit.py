@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import ease_kernels
 from ease.exits import ExitRule
+from ease_kernels.dispatch import use_triton
 from ease.generation.cache import CacheSlots, KVCache
 from ease.generation.sampling import Sampler
 
@@ -112,6 +113,29 @@ class StatePropagation:
         k = k.view(n, skipped, self.num_kv_heads, self.head_dim).transpose(0, 1)
         cache.store_after(layer, slots, k, kv[:, :, 1].transpose(0, 1))
 
+    def fill(self, cache: KVCache, hidden: torch.Tensor, layers: torch.Tensor, first: int, slots: CacheSlots) -> None:
+        """Fill the skipped layers of every row of a step in one call: row ``i`` exited at
+        ``layers[i]`` (``num_layers``: it did not exit, nothing is written for it) with the
+        state ``hidden[i]``; ``first`` is the smallest of ``layers``.
+
+        One product for all rows and all layers after ``first``; the entries a row did run
+        (layers up to its own exit) are written back unchanged, so one masked store covers
+        rows that exited at different layers. The values written equal :meth:`__call__`'s
+        per exit layer up to the product's rounding (a product over another number of rows,
+        as batching rows already is)."""
+        skipped = self.num_layers - first
+        if skipped <= 0:
+            return
+        n = hidden.shape[0]
+        normed = ease_kernels.rms_norm(hidden, self.ones, self.eps)
+        kv = F.linear(normed, self.weight[first:].flatten(0, 1)).view(n, skipped, 2, self.num_kv_heads, self.head_dim)
+        k = kv[:, :, 0].reshape(n, 1, skipped * self.num_kv_heads, self.head_dim)
+        _, k = ease_kernels.apply_rope(k[:, :, :1], k, slots.cos, slots.sin)
+        k = k.view(n, skipped, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        # Cache index j (0-based) holds layer j + 1, skipped by a row that exited at e iff j >= e.
+        skip = torch.arange(first, self.num_layers, device=layers.device)[:, None] >= layers  # (skipped, n)
+        cache.store_after_where(first, slots, k, kv[:, :, 1].transpose(0, 1), skip)
+
 
 def first_token(
     model: EarlyExitDecoder, states: list[torch.Tensor], rule: ExitRule, sampler: Sampler
@@ -145,9 +169,15 @@ def first_token(
 # The fraction of a batch's rows still active at or below which the batch is gathered to
 # those rows for its remaining blocks (see early_exit_step), per device type. On the CPU
 # (12 layers, dim 128, batch 8, one thread) a block on 8 rows took 211 us, on 4 gathered rows
-# 188 us (their cache reads copied), on 2 164 us, on 1 144 us: gathering pays at once. On a GPU
-# a block on 8 rows costs what it costs on 3, and the gather's copies do not pay until few
-# rows are left; 0.25 there is a guess, not a measurement.
+# 188 us (their cache reads copied), on 2 164 us, on 1 144 us: gathering pays at once. On
+# 2026-12-01 (a shared, loaded machine, one layer per call, greedy max_prob 0.1) a block on 8
+# rows took 738 us, on 5 gathered rows 591, on 3 509, on 1 398; never gathering (0.0) was
+# 0.81x always gathering at max_prob 0.1. Against that, each checked layer costs an exit head
+# (8 rows 159 us, 3 rows 94) plus the criterion (~60 us), and a step ends early only when
+# every row exits: on that model it never did at batch 8, so there early exit cannot beat
+# full depth (bench/NOTES.md, 2026-12-02). On a GPU a block on 8 rows costs what it costs on
+# 3, and the gather's copies do not pay until few rows are left; 0.25 there is a guess, not a
+# measurement.
 COMPACT_FRACTION = {"cpu": 1.0}
 COMPACT_FRACTION_DEFAULT = 0.25
 
@@ -175,6 +205,13 @@ def early_exit_step(
     row is active (default: :data:`COMPACT_FRACTION` of the device). The result equals
     running each row alone.
 
+    Greedy decoding takes :func:`_greedy_early_exit_step`, the same decisions with a few
+    batch-wide operations per layer instead of index lists, one state propagation call and
+    one exit-head call per step (at batch 8 on the CPU, per step, the index bookkeeping and
+    one propagation call per exit layer had cost more than the blocks the exits saved).
+    Sampling keeps this general path, whose random draws (one per group of rows leaving at
+    a layer) the outputs depend on.
+
     ``block_evaluations`` counts the blocks each row needed (its exit layer), not the
     ride-along rows. ``propagate`` fills the skipped layers of an exited row; it may be
     None only when ``rule`` never exits early.
@@ -185,13 +222,15 @@ def early_exit_step(
     if not rule.exits_early:
         x = run_blocks(model, x, slots, cache, 0, num_layers)
         return sampler.pick(model.exit_head(x[:, 0])), torch.full_like(tokens, num_layers), batch * num_layers
+    if compact_fraction is None:
+        compact_fraction = COMPACT_FRACTION.get(tokens.device.type, COMPACT_FRACTION_DEFAULT)
+    if sampler.greedy:
+        return _greedy_early_exit_step(model, x, slots, cache, rule, propagate, int(compact_fraction * batch))
     next_tokens = torch.empty_like(tokens)
     exit_layers = torch.full_like(tokens, num_layers)
     active_rows = None  # (n,) batch rows without an exit yet; None: all of them
     active_in_x = None  # (n,) where they sit in x's rows; None: x holds the active rows only, in order
     active = batch
-    if compact_fraction is None:
-        compact_fraction = COMPACT_FRACTION.get(tokens.device.type, COMPACT_FRACTION_DEFAULT)
     compact_at = int(compact_fraction * batch)
     x_slots = slots  # the slots of x's rows
     exited = []  # (layer, hidden (m, dim), batch rows (m,) or None for all): propagated at the end
@@ -252,6 +291,103 @@ def early_exit_step(
         propagate(cache, hidden, layer, slots if rows is None else slots.select(rows))
     return next_tokens, exit_layers, spent
 
+
+def _greedy_early_exit_step(
+    model: EarlyExitDecoder,
+    x: torch.Tensor,
+    slots: CacheSlots,
+    cache: KVCache,
+    rule: ExitRule,
+    propagate: StatePropagation,
+    compact_at: int,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """:func:`early_exit_step` for greedy decoding, with few operations per layer.
+
+    Exited rows ride along on the batch's own cache rows (no copies) and the decisions are
+    kept as masks over the batch (no index lists): per checked layer, the exit head and the
+    criterion on every row of the call; where rows leave, ``torch.where`` keeps each row's
+    exit layer, the state it answers from and its token (the argmax of that layer's logits;
+    for ``saturation`` and ``classifier``, one exit-head call on the kept states at the
+    step's end). One state propagation call at the step's end fills every exited row's
+    skipped layers. Once at most ``compact_at`` rows are active the call is gathered to them
+    (their cache reads are then copies). The decisions are the general path's (the same
+    ops on the same rows' states); the tests check the tokens against each row run alone.
+    """
+    num_layers = model.num_layers
+    batch = x.shape[0]
+    active = batch
+    by_logits = not rule.needs_hidden  # the token is known at the exit check already
+    alive = None  # (n,) bool over x's rows: not exited yet; None: all of them
+    state = None  # [exit layer (n,), answering state (n, dim), token (n,) or None] of x's rows
+    rows = None  # (n,) the batch rows of x's rows once gathered; None: x holds every row
+    kept = None  # the same three, batch-wide, once x is gathered
+    x_slots = slots
+    first = num_layers  # the earliest exit layer of the step
+    spent = 0
+    for index in range(num_layers):
+        before = x
+        x = run_blocks(model, x, x_slots, cache, index, index + 1)
+        spent += active
+        layer = index + 1
+        if not rule.checks(layer):
+            continue
+        hidden = x[:, 0]
+        if rule.needs_hidden:
+            exits = rule.decide(None, layer, hidden, before[:, 0]).exit
+        else:
+            logits = model.exit_head(hidden)
+            if rule.criterion == "max_prob" and not use_triton(logits):
+                # The reference's ops for the decision alone (its checks and argmax skipped).
+                exits = torch.softmax(logits.float(), dim=-1).amax(dim=-1) >= rule.threshold
+            else:
+                exits = rule.decide(logits, layer).exit
+        if alive is not None:
+            exits = exits & alive
+        leaving = int(exits.sum())  # the step's one host synchronisation per layer
+        if leaving == 0:
+            continue
+        first = min(first, layer)
+        token = logits.argmax(-1) if by_logits else None
+        if state is None:
+            state = [torch.where(exits, layer, num_layers), hidden, token]
+        else:
+            state[0] = torch.where(exits, layer, state[0])
+            state[1] = torch.where(exits[:, None], hidden, state[1])
+            if by_logits:
+                state[2] = torch.where(exits, token, state[2])
+        alive = ~exits if alive is None else alive & ~exits
+        active -= leaving
+        if active == 0:
+            break
+        if active <= compact_at and active < x.shape[0]:
+            kept = _keep(kept, rows, state)
+            keep = alive.nonzero().squeeze(1)
+            rows = keep if rows is None else rows[keep]
+            x, x_slots = x[keep], slots.select(rows)
+            alive, state = None, None
+    else:
+        hidden = x[:, 0]
+        token = model.exit_head(hidden).argmax(-1) if by_logits else None
+        if state is None:
+            state = [torch.full((x.shape[0],), num_layers, dtype=torch.long, device=x.device), hidden, token]
+        else:
+            state[1] = torch.where(alive[:, None], hidden, state[1])
+            if by_logits:
+                state[2] = torch.where(alive, token, state[2])
+    exit_layers, answer, tokens = _keep(kept, rows, state)
+    if first < num_layers:
+        propagate.fill(cache, answer, exit_layers, first, slots)
+    if tokens is None:  # saturation, classifier: one exit-head call for every row's token
+        tokens = model.exit_head(answer).argmax(-1)
+    return tokens, exit_layers, spent
+
+
+def _keep(kept: list | None, rows: torch.Tensor | None, state: list) -> list:
+    """The batch-wide ``[exit layer, answering state, token]`` with those of x's rows
+    (the batch rows ``rows``; None: every row) put in."""
+    if rows is None:
+        return state
+    return [None if k is None else k.index_copy(0, rows, v) for k, v in zip(kept, state)]
 
 def generate_early_exit(
     model: EarlyExitDecoder,

@@ -224,14 +224,25 @@ def generate_speculative(
         accepted, next_token = sampler.verify(drafted, logits_q, model.exit_head(hidden), usable)
         stats["block_evaluations"] += n * (drafted_count + 1) * num_layers
         stats["draft_tokens"] += n * drafted_count if usable is None else int(usable.sum())
-        for i, (b, count) in enumerate(zip(active, accepted.tolist())):
-            g = generated[b]
-            new_tokens[b, g : g + count] = drafted[i, :count]
-            new_tokens[b, g + count] = next_token[i]
-            exit_layers[b, g : g + count] = draft_layers
+        # Every row's accepted drafts and the full model's token, in one store per tensor:
+        # row i writes drafted_count + 1 slots from its generated count on; the slots past
+        # its accepted count + 1 get the bonus token again and are overwritten by the next
+        # round (which starts there), or lie past max_new_tokens.
+        counts = accepted.tolist()
+        steps = torch.arange(drafted_count + 1, device=device)
+        within = steps < accepted[:, None]  # (n, drafted_count + 1): an accepted draft
+        values = torch.where(within, torch.nn.functional.pad(drafted, (0, 1)), next_token[:, None])
+        where = torch.tensor([generated[b] for b in active], device=device)[:, None] + steps
+        if rows is None:
+            new_tokens.scatter_(1, where, values)
+            exit_layers.scatter_(1, where, torch.where(within, draft_layers, num_layers))
+        else:
+            new_tokens[rows[:, None], where] = values
+            exit_layers[rows[:, None], where] = torch.where(within, draft_layers, num_layers)
+        for b, count in zip(active, counts):
             generated[b] += count + 1
             position[b] += count + 1
-            stats["accepted_draft_tokens"] += count
+        stats["accepted_draft_tokens"] += sum(counts)
         if chooser is not None:
             chooser.record(draft_layers, n, drafted_count, int(accepted.sum()) + n)
         if rows is None:
