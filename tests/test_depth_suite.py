@@ -2,7 +2,7 @@
 
 The recipes are checked against their definitions; one tiny run (3 layers, width 16, 4
 steps per recipe, a 300-token BPE on a slice of the docs corpus) goes end to end, through
-the files, the reuse of trained models and the figures. The CPU default itself (about 40
+the files, the reuse of trained models and the figures. The CPU default itself (53
 minutes) is not part of the suite.
 """
 

@@ -30,7 +30,7 @@ def _build_parser(defaults: DepthSuiteSettings) -> argparse.ArgumentParser:
         prog="python -m ease.experiments --suite depth",
         description="Train five recipes (" + ", ".join(RECIPES) + ") on one 12-layer shape on the standard-library "
                     "corpus, then measure per-layer quality, the exit trade-off of every criterion and generation "
-                    "speed. The defaults are the CPU run (about 40 minutes on 2 cores).",
+                    "speed. The defaults are the CPU run (53 minutes measured on 2 cores).",
     )
     parser.add_argument("--suite", choices=("depth",), default="depth", help=argparse.SUPPRESS)
     kinds = {f.name: type(getattr(defaults, f.name)) for f in fields(defaults) if f.name in _FLAGS}
@@ -41,7 +41,7 @@ def _build_parser(defaults: DepthSuiteSettings) -> argparse.ArgumentParser:
         parser.add_argument(f"--{flag.replace('_', '-')}", default=None,
                             help=f"comma-separated, default: {','.join(map(str, getattr(defaults, flag)))}")
     parser.add_argument("--gpu", action="store_true",
-                        help="the preset for one H100/H200 (about 10 minutes): " +
+                        help="the preset for one H100/H200 (about 10 minutes, a prediction: not yet run on one): " +
                              ", ".join(f"{k}={v}" for k, v in GPU_PRESET.items()) + "; other flags still apply")
     parser.add_argument("--retrain", action="store_true", help="train even where --out holds models trained "
                         "with the same settings (default: load them and only measure)")

@@ -38,7 +38,7 @@ RECIPES = ("standard", "deep_supervision", "asymmetric", "layerskip", "l3t")
 @dataclass
 class DepthSuiteSettings:
     """Knobs of one depth-suite run (the ``--suite depth`` flags). The defaults are the
-    CPU run: about 40 minutes on 2 cores (one torch thread) for the five recipes."""
+    CPU run: 53 minutes measured on a shared 2-core machine (one torch thread) for the five recipes."""
 
     out: str = "runs/depth_suite"
     corpus: str = "stdlib"
