@@ -13,7 +13,7 @@ import time
 from dataclasses import fields, replace
 from pathlib import Path
 
-from ease.cli.experiments import _Parser, default_threads
+from ease.cli.experiments import _Parser, default_threads, set_threads
 from ease.depth_suite import GPU_PRESET, RECIPES, DepthSuiteSettings, run_depth_suite
 from ease.depth_suite.recipes import check_suite_settings
 
@@ -78,10 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings, threads = parse_args(argv)
         check_suite_settings(settings)
-        threads = default_threads() if threads is None else threads
-        if threads < 1:
-            raise ValueError(f"--threads must be an integer >= 1, got {threads}")
-        torch.set_num_threads(threads)
+        set_threads(threads)
         if settings.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--gpu asks for a CUDA device, but torch sees none")
     except (ValueError, TypeError, OSError) as error:

@@ -17,7 +17,7 @@ from ease.data import DataBundle
 from ease.experiments import ExperimentSettings, check_settings, load_experiment_data, run_experiments
 from ease.training.distributed import setup_distributed
 
-__all__ = ["default_threads", "main", "parse_args", "run"]
+__all__ = ["default_threads", "main", "parse_args", "run", "set_threads"]
 
 
 def default_threads() -> int:
@@ -97,15 +97,25 @@ def _parse(argv: list[str] | None) -> tuple[ExperimentSettings, int | None]:
 
 def _prepare(argv: list[str] | None) -> tuple[ExperimentSettings, DataBundle]:
     """Parse and check the flags, set the threads and load the corpus: all before any file is written."""
-    import torch
-
     settings, threads = _parse(argv)
     check_settings(settings)
+    set_threads(threads)
+    return settings, load_experiment_data(settings)
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's CPU threads to ``--threads`` (None: :func:`default_threads`); returns the number.
+
+    Raises:
+        ValueError: ``threads`` below 1.
+    """
+    import torch
+
     threads = default_threads() if threads is None else threads
     if threads < 1:
         raise ValueError(f"--threads must be an integer >= 1, got {threads}")
     torch.set_num_threads(threads)
-    return settings, load_experiment_data(settings)
+    return threads
 
 
 def _report(settings: ExperimentSettings, results: dict) -> None:
