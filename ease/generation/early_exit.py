@@ -205,7 +205,7 @@ def early_exit_step(
     row is active (default: :data:`COMPACT_FRACTION` of the device). The result equals
     running each row alone.
 
-    Greedy decoding takes :func:`_greedy_early_exit_step`, the same decisions with a few
+    Greedy decoding of more than one row takes :func:`_greedy_early_exit_step`, the same decisions with a few
     batch-wide operations per layer instead of index lists, one state propagation call and
     one exit-head call per step (at batch 8 on the CPU, per step, the index bookkeeping and
     one propagation call per exit layer had cost more than the blocks the exits saved).
@@ -224,7 +224,7 @@ def early_exit_step(
         return sampler.pick(model.exit_head(x[:, 0])), torch.full_like(tokens, num_layers), batch * num_layers
     if compact_fraction is None:
         compact_fraction = COMPACT_FRACTION.get(tokens.device.type, COMPACT_FRACTION_DEFAULT)
-    if sampler.greedy:
+    if sampler.greedy and batch > 1:  # one row: the general path has no more ops to save
         return _greedy_early_exit_step(model, x, slots, cache, rule, propagate, int(compact_fraction * batch))
     next_tokens = torch.empty_like(tokens)
     exit_layers = torch.full_like(tokens, num_layers)
