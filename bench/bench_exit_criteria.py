@@ -39,20 +39,16 @@ from typing import Any
 
 import torch
 
-from bench.bench_generation import decision_agreement, run_setting, train_or_load
+from bench.bench_generation import train_or_load
 from bench.bench_generation import parse_args as generation_args
 from bench.common import environment, markdown_table, write_results
 from ease import calibrate_threshold
 from ease.data import encode, load_text, make_batches, split_batch, split_tokens
 from ease.exit_classifier import train_exit_classifier
+from ease.depth_suite.measure import GRIDS
 from ease.exits import EXIT_CRITERIA, ExitRule, first_exit_layer
+from ease.generation.measure import decision_agreement, generate_all
 
-GRIDS = {
-    "max_prob": [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
-    "margin": [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
-    "saturation": [0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999],
-    "classifier": [0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999],
-}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -220,12 +216,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cases = [(batch, *setting) for batch in batch_sizes for setting in settings]
 
     torch.set_num_threads(args.threads)
-    outputs = {i: run_setting(model, prompts, case[0], args.new_tokens, case[4]) for i, case in enumerate(cases)}
+    outputs = {i: generate_all(model, prompts, case[0], args.new_tokens, case[4]) for i, case in enumerate(cases)}
     times: dict[int, list[float]] = {i: [] for i in range(len(cases))}
     for repeat in range(args.repeats):  # interleaved: a slow spell of the machine hits every case
         for i, case in enumerate(cases):
             start = time.perf_counter()
-            run_setting(model, prompts, case[0], args.new_tokens, case[4])
+            generate_all(model, prompts, case[0], args.new_tokens, case[4])
             times[i].append(time.perf_counter() - start)
         print(f"timing repeat {repeat + 1}/{args.repeats} done", flush=True)
 

@@ -188,11 +188,6 @@ def train_or_load(args: argparse.Namespace) -> tuple[DeepSupervisionTransformer,
 # ---------------------------------------------------------------------------------------
 # Measurements
 # ---------------------------------------------------------------------------------------
-# run_setting and decision_agreement are ease.generation.measure's, kept under these names for
-# the benchmarks that import them from here.
-run_setting = generate_all
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     model, data, training = train_or_load(args)
@@ -243,11 +238,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     outputs: dict[int, list] = {}
     times: dict[int, list[float]] = {i: [] for i in range(len(cases))}
     for i, (batch, _, _, options) in enumerate(cases):  # warm-up, and the outputs
-        outputs[i] = run_setting(model, prompts, batch, args.new_tokens, options)
+        outputs[i] = generate_all(model, prompts, batch, args.new_tokens, options)
     for repeat in range(args.repeats):  # interleaved, so that a slow spell of the machine hits every case
         for i, (batch, _, _, options) in enumerate(cases):
             start = time.perf_counter()
-            run_setting(model, prompts, batch, args.new_tokens, options)
+            generate_all(model, prompts, batch, args.new_tokens, options)
             times[i].append(time.perf_counter() - start)
         print(f"timing repeat {repeat + 1}/{args.repeats} done", flush=True)
 

@@ -12,6 +12,7 @@ the measurements can be rerun alone.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from dataclasses import asdict
@@ -81,7 +82,7 @@ def train_recipe(
 
 
 def _prompts(data: DataBundle, settings: DepthSuiteSettings) -> list[list[int]]:
-    """Prompts spread evenly over the held-out text (the last part of it, after the batches measured)."""
+    """``settings.prompts`` windows of ``prompt_len`` tokens spread evenly over the held-out text."""
     val = data.val_ids.tolist()
     stride = (len(val) - settings.prompt_len) // settings.prompts
     return [val[i * stride : i * stride + settings.prompt_len] for i in range(settings.prompts)]
@@ -90,7 +91,7 @@ def _prompts(data: DataBundle, settings: DepthSuiteSettings) -> list[list[int]]:
 def measure_recipe(model, settings: DepthSuiteSettings, data: DataBundle) -> dict[str, Any]:
     """Every figure of one trained model (see :mod:`ease.depth_suite.measure`)."""
     n = settings.eval_batches
-    calibration_batches, check_batches = data.val_batches[:n], data.val_batches[n : 2 * n] or data.val_batches[:n]
+    calibration_batches, check_batches = data.val_batches[:n], data.val_batches[n : 2 * n]
     started = time.perf_counter()
     layers = layer_quality(model, check_batches)
     classifier = train_classifier(model, data.train_batches[-settings.classifier_batches :])
@@ -108,7 +109,7 @@ def measure_recipe(model, settings: DepthSuiteSettings, data: DataBundle) -> dic
 def _environment(settings: DepthSuiteSettings) -> dict[str, Any]:
     env = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "python": platform.python_version(), "torch": torch.__version__,
-        "machine": platform.machine(), "cpu_count": __import__("os").cpu_count(), "threads": torch.get_num_threads(),
+        "machine": platform.machine(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
         "device": settings.device,
     }
     if settings.device.startswith("cuda") and torch.cuda.is_available():
@@ -119,15 +120,14 @@ def _environment(settings: DepthSuiteSettings) -> dict[str, Any]:
 def run_depth_suite(settings: DepthSuiteSettings, data: DataBundle | None = None) -> dict[str, Any]:
     """Train (or load) and measure every recipe, write the output folder, return the results."""
     check_suite_settings(settings)
-    if settings.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--gpu (device cuda) was asked for, but torch sees no CUDA device")
     data = data if data is not None else load_data(
         corpus=settings.corpus, vocab_size=settings.vocab_size, seq_len=settings.seq_len,
         batch_size=settings.batch_size, seed=settings.seed,
     )
-    if len(data.val_batches) < settings.eval_batches:
+    if len(data.val_batches) < 2 * settings.eval_batches:
+        # The thresholds are calibrated on one set of eval_batches and checked on another.
         raise ValueError(f"--eval-batches {settings.eval_batches}: the corpus has only {len(data.val_batches)} "
-                         "validation batches")
+                         f"validation batches, and calibration and its check need {2 * settings.eval_batches}")
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +24,7 @@ from ease.calibration import calibrate_threshold
 from ease.data import split_batch
 from ease.exit_classifier import train_exit_classifier
 from ease.exits import EXIT_CRITERIA
-from ease.generation.measure import decision_agreement, generate_all, median, time_interleaved
+from ease.generation.measure import decision_agreement, generate_all, time_interleaved
 from ease.models import EarlyExitDecoder
 
 __all__ = ["GRIDS", "criterion_sweeps", "generation_speed", "layer_quality"]
@@ -157,7 +158,7 @@ def generation_speed(
     for (batch, setting), outs, seconds in zip(cases, outputs, times):
         new = torch.cat([o.new_tokens for o in outs])
         exits = torch.cat([o.token_exit_layers for o in outs])
-        rate = new.numel() / median(seconds)
+        rate = new.numel() / statistics.median(seconds)
         if setting["mode"] == "full":
             full[batch] = (rate, new)
         drafted = sum(o.draft_tokens for o in outs)

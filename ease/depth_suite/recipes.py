@@ -84,7 +84,8 @@ def check_suite_settings(settings: DepthSuiteSettings) -> DepthSuiteSettings:
 
     Raises:
         ValueError: naming the flag, for a size, rate or count out of range, an unknown
-            recipe, a target outside (0, 1), or fewer than 3 layers.
+            recipe, a target outside (0, 1), fewer than 3 layers, or a CUDA device
+            (``--gpu``) that torch does not see.
     """
     for name in ("dim", "num_heads", "seq_len", "batch_size", "max_steps", "eval_every", "eval_batches",
                  "prompts", "prompt_len", "new_tokens", "repeats", "draft_tokens", "classifier_batches"):
@@ -105,6 +106,11 @@ def check_suite_settings(settings: DepthSuiteSettings) -> DepthSuiteSettings:
     unknown = [name for name in settings.recipes if name not in RECIPES]
     if unknown or not settings.recipes:
         raise ValueError(f"--recipes must name some of {','.join(RECIPES)}, got {','.join(settings.recipes) or 'none'}")
+    if settings.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--gpu asks for a CUDA device, but torch sees none")
     if settings.prompt_len + settings.new_tokens > 1024:
         raise ValueError("--prompt-len plus --new-tokens must be at most 1024 (the models' positions)")
     return settings

@@ -8,13 +8,18 @@ from typing import Any
 from ease._io import atomic_path
 from ease.exits import EXIT_CRITERIA
 
-__all__ = ["best_early_exit", "plot_suite", "suite_table"]
+__all__ = ["best_early_exit", "layer_figures", "plot_suite", "suite_table"]
 
 
 def best_early_exit(rows: list[dict[str, Any]], batch: int, agreement: float) -> dict[str, Any] | None:
     """The fastest early-exit row at ``batch`` whose decision agreement reaches ``agreement``."""
     passing = [r for r in rows if r["batch"] == batch and r["mode"] == "early exit" and r["decision_agreement"] >= agreement]
     return max(passing, key=lambda r: r["speedup"], default=None)
+
+
+def layer_figures(run: dict[str, Any]) -> dict[int, dict[str, float]]:
+    """A recipe's ``{layer: {"loss", "accuracy"}}`` with int keys (JSON turns them into strings)."""
+    return {int(layer): figures for layer, figures in run["layers"].items()}
 
 
 def _row(rows: list[dict[str, Any]], batch: int, mode: str) -> dict[str, Any] | None:
@@ -36,8 +41,7 @@ def suite_table(results: dict[str, Any]) -> str:
     """Markdown: the summary table (one row per recipe), then each recipe's timed settings."""
     recipes = results["recipes"]
     num_layers = results["settings"]["num_layers"]
-    standard = recipes.get("standard", {}).get("layers", {}).get(num_layers) or recipes.get("standard", {}).get(
-        "layers", {}).get(str(num_layers))
+    standard = layer_figures(recipes["standard"])[num_layers] if "standard" in recipes else None
     batches = results["settings"]["batch_sizes"]
     speed_columns = "".join(f" batch {b} early exit | batch {b} self-spec |" for b in batches)
     env, settings, data = results["environment"], results["settings"], results["data"]
@@ -65,8 +69,7 @@ def suite_table(results: dict[str, Any]) -> str:
         "| --- | ---: | ---: | ---: | ---: |" + " --- | --- |" * len(batches) + " ---: |",
     ]
     for name, run in recipes.items():
-        layers = {int(k): v for k, v in run["layers"].items()}
-        final = layers[num_layers]
+        final = layer_figures(run)[num_layers]
         delta = "" if standard is None else f"{100 * (final['accuracy'] - standard['accuracy']):+.1f} pt"
         certified = run["criteria"]["max_prob"]["certified"].get("0.9") or {}
         depth = certified.get("held_out_mean_exit_layer")
@@ -124,7 +127,7 @@ def plot_suite(results: dict[str, Any], out: Path) -> list[Path]:
     figure = Figure(figsize=(10, 4), layout="constrained")
     accuracy_ax, loss_ax = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
     for name, run in recipes.items():
-        layers = sorted((int(k), v) for k, v in run["layers"].items())
+        layers = sorted(layer_figures(run).items())
         accuracy_ax.plot([l for l, _ in layers], [v["accuracy"] for _, v in layers], "o-", ms=3, color=colors[name], label=name)
         loss_ax.plot([l for l, _ in layers], [v["loss"] for _, v in layers], "o-", ms=3, color=colors[name], label=name)
     for ax, label in ((accuracy_ax, "validation accuracy"), (loss_ax, "validation loss (nats/token)")):
@@ -201,12 +204,11 @@ def plot_suite(results: dict[str, Any], out: Path) -> list[Path]:
 
     standard = recipes.get("standard")
     if standard is not None:
-        base = {int(k): v for k, v in standard["layers"].items()}[num_layers]
+        base = layer_figures(standard)[num_layers]
         names = [n for n in recipes if n != "standard"]
         figure = Figure(figsize=(6, 3.6), layout="constrained")
         ax = figure.add_subplot(1, 1, 1)
-        deltas = [100 * ({int(k): v for k, v in recipes[n]["layers"].items()}[num_layers]["accuracy"] - base["accuracy"])
-                  for n in names]
+        deltas = [100 * (layer_figures(recipes[n])[num_layers]["accuracy"] - base["accuracy"]) for n in names]
         ax.bar(names, deltas, color=[colors[n] for n in names])
         ax.axhline(0, color="black", lw=0.8)
         ax.axhline(-1, color="grey", lw=0.6, ls="--", label="1 point below standard")

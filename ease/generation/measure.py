@@ -7,7 +7,6 @@ interleaved repeat by repeat so that a slow spell of a shared machine hits every
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -52,7 +51,7 @@ def decision_agreement(model: EarlyExitDecoder, prompts: Sequence[Sequence[int]]
 def time_interleaved(cases: Sequence[Callable[[], Any]], repeats: int) -> list[list[float]]:
     """Wall seconds of each case over ``repeats`` rounds, the cases run in turn within a round.
 
-    Returns one list of ``repeats`` timings per case (take the median).
+    Returns one list of ``repeats`` timings per case (report their median).
     """
     times: list[list[float]] = [[] for _ in cases]
     for _ in range(repeats):
@@ -62,7 +61,3 @@ def time_interleaved(cases: Sequence[Callable[[], Any]], repeats: int) -> list[l
             times[i].append(time.perf_counter() - start)
     return times
 
-
-def median(values: Sequence[float]) -> float:
-    """The median (re-exported for callers that build rows from :func:`time_interleaved`)."""
-    return statistics.median(values)
